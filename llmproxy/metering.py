@@ -37,6 +37,7 @@ _VERSION_SUFFIX = re.compile(
     r"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"  # -2024-08-06
     r"|(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # -20250929
     r"|(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"  # -05-06
+    r"|(?:0[1-9]|1[0-2])-(?:19|20)\d\d"  # -09-2025
     r"|(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # -0613
     r"|0\d\d"  # -001 (Gemini model versions)
     r"|latest|preview|exp"
@@ -154,7 +155,7 @@ class PriceBook:
          or one of its aliases, priced by that alias's override when it has
          one, else by the model's own pricing;
       2. else, if the name ends in a version-like suffix (C{-2024-08-06},
-         C{-20250929}, C{-05-06}, C{-0613}, C{-001}, C{-latest},
+         C{-20250929}, C{-05-06}, C{-09-2025}, C{-0613}, C{-001}, C{-latest},
          C{-preview}, C{-exp}), that suffix is cut off and step 1 is tried
          again, one suffix at a time, so the longest priced base name wins:
          C{gemini-2.5-pro-preview-05-06} tries C{gemini-2.5-pro-preview},

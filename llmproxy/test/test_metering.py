@@ -316,6 +316,7 @@ class CostTests(SynchronousTestCase):
             ("gemini", "gemini-2.5-pro-exp-03-25", "gemini-2.5-pro"),
             ("gemini", "gemini-2.0-flash-001", "gemini-2.0-flash"),
             ("gemini", "gemini-2.0-flash-exp", "gemini-2.0-flash"),
+            ("gemini", "gemini-2.5-flash-preview-09-2025", "gemini-2.5-flash"),
         ]
         for provider, model, base in cases:
             cost = BOOK.cost(provider, model, Usage(input_tokens=1))
@@ -348,6 +349,7 @@ class CostTests(SynchronousTestCase):
             ("openai", "gpt-4o-realtime-preview-2024-12-17"),
             ("openai", "gpt-4o-2048"),
             ("openai", "gpt-4o-2024-13-01"),
+            ("openai", "gpt-4o-13-2025"),
             ("openai", "gpt4o"),
             ("openai", "GPT-4O"),
             ("gemini", "gemini-2.5-flash-preview-tts"),
