@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -449,6 +450,20 @@ class FileCostSinkTests(SinkTestMixin, SynchronousTestCase):
         self.assertEqual(self.sink.queued, 0)
 
 
+class ThreadedClock(Clock):
+    """
+    Enough of a reactor for L{FileCostSink.from_reactor}: time and a thread
+    pool that is never started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = ThreadPool()
+
+    def getThreadPool(self) -> ThreadPool:
+        return self.pool
+
+
 class OtherSinksTests(SynchronousTestCase):
     def test_null(self) -> None:
         sink = NullCostSink()
@@ -474,8 +489,7 @@ class OtherSinksTests(SynchronousTestCase):
         Disabled tracking gets the null sink and no service; one file gets a
         L{FileCostSink} that is its own service; several get a fan-out.
         """
-        from twisted.internet import reactor
-
+        reactor = ThreadedClock()
         metrics = Metrics()
         sink, service = cost_sink_for(CostTrackingConfig(), reactor, metrics)
         self.assertIsInstance(sink, NullCostSink)
