@@ -249,17 +249,10 @@ class Harness:
         Start one proxy per (name, config overlays), all at once, then wait
         for each one's /health and check that it forwards.
         """
-        twistd = Path(sys.executable).with_name("twistd")
-        starter = (
-            [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted.scripts.twistd"]
-        )
         started: list[Proxy] = []
         for name, overlays in wanted:
             port = free_port()
-            argv = [*starter, "-n", "--pidfile=", "llmproxy"]
-            for path in ("base.yml", *overlays):
-                argv += ["--config", str(BENCH / "configs" / path)]
-            argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+            argv = self.proxy_argv(port, overlays)
             env = dict(os.environ)
             env.update(
                 BENCH_STATIC_PORT=str(self.static_port),
@@ -283,6 +276,22 @@ class Harness:
                 )
                 _say(f"bench: proxy '{proxy.name}' cannot be measured: {proxy.broken}")
             self.proxies[proxy.name] = proxy
+
+    def proxy_argv(self, port: int, overlays: Sequence[str]) -> list[str]:
+        """
+        The proxy's command line: C{twistd -n --pidfile= llmproxy}, the base
+        config plus C{overlays}, listening on 127.0.0.1:C{port}.
+        """
+        twistd = Path(sys.executable).with_name("twistd")
+        argv = (
+            [str(twistd)]
+            if twistd.exists()
+            else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        )
+        argv += ["-n", "--pidfile=", "llmproxy"]
+        for path in ("base.yml", *overlays):
+            argv += ["--config", str(BENCH / "configs" / path)]
+        return [*argv, "--listen", f"tcp:{port}:interface=127.0.0.1"]
 
     def _await_health(self, proxy: Proxy) -> str | None:
         """
@@ -764,9 +773,16 @@ def budgets(found: dict[str, Row], features: list[FeatureRow]) -> list[Budget]:
     """
     items: list[Budget] = []
 
-    def add(item: str, target: str, value: float, unit: str, good: Callable[[float], bool]) -> None:
+    def add(
+        item: str,
+        target: str,
+        value: float,
+        unit: str,
+        good: Callable[[float], bool],
+        digits: int = 2,
+    ) -> None:
         met = None if math.isnan(value) else good(value)
-        items.append(Budget(item, target, value, unit, met))
+        items.append(Budget(item, target, value, unit, met, digits))
 
     def proxy(key: str) -> float:
         return median(found[key].proxy) if key in found else math.nan
@@ -774,15 +790,15 @@ def budgets(found: dict[str, Row], features: list[FeatureRow]) -> list[Budget]:
     def over(key: str) -> float:
         return found[key].overhead() if key in found else math.nan
 
-    add("requests/s, concurrency 16", "≥ 3,000", proxy("rps16"), "req/s", lambda v: v >= 3000)
+    add("requests/s, concurrency 16", "≥ 3,000", proxy("rps16"), "req/s", lambda v: v >= 3000, 0)
     add("p50 overhead, concurrency 1", "≤ 0.5 ms", over("p50"), "ms", lambda v: v <= 0.5)
     add("p99 overhead, concurrency 1", "≤ 2 ms", over("p99"), "ms", lambda v: v <= 2.0)
     add("first-event overhead p50, c1", "≤ 1 ms", over("ttfe1"), "ms", lambda v: v <= 1.0)
     add("first-event overhead p99, c100", "≤ 3 ms", over("ttfe100"), "ms", lambda v: v <= 3.0)
-    add("streams incremental, c100", "100%", proxy("inc100"), "%", lambda v: v >= 100.0)
+    add("streams incremental, c100", "100%", proxy("inc100"), "%", lambda v: v >= 100.0, 1)
     add("inter-chunk gap p50 vs DIRECT", "within ±1 ms", over("gap50"), "ms", lambda v: abs(v) <= 1)
-    add("slow streams complete", "1,000 of 1,000", proxy("ok"), "", lambda v: v >= 1000)
-    add("peak RSS, 1,000 streams", "≤ 80 MB", proxy("rss"), "MB", lambda v: v <= 80)
+    add("slow streams complete", "1,000 of 1,000", proxy("ok"), "", lambda v: v >= 1000, 0)
+    add("peak RSS, 1,000 streams", "≤ 80 MB", proxy("rss"), "MB", lambda v: v <= 80, 1)
     body = ratio(found["body"].proxy, found["body"].direct) if "body" in found else math.nan
     add("5 MB body vs DIRECT", "≤ 2x", body, "x", lambda v: v <= 2.0)
     named = {row.variant: row for row in features}
@@ -939,7 +955,9 @@ def main(argv: Sequence[str]) -> int:
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Installed explicitly: a driver started in the background inherits SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
