@@ -1,0 +1,300 @@
+# -*- test-case-name: llmproxy.test.test_providers_gemini -*-
+"""
+The Gemini API wire format (C{/v1beta/models/<model>:generateContent} and
+friends), plus Gemini's OpenAI-compatible C{/v1beta/openai/...}, which is
+metered as OpenAI.
+
+Usage, normalised (see L{llmproxy.usage.Usage}) from C{usageMetadata}:
+input is C{promptTokenCount} (which already includes
+C{cachedContentTokenCount}, the cache-read part) plus
+C{toolUsePromptTokenCount} (tool results the model read, e.g. search
+grounding); output is C{candidatesTokenCount + thoughtsTokenCount}, with
+C{thoughtsTokenCount} as reasoning.  In a stream every chunk may carry
+C{usageMetadata}, each a running total: the last one wins.
+
+C{:streamGenerateContent} answers SSE with C{alt=sse} and otherwise one JSON
+array that grows over time; both are metered as they arrive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import orjson
+
+from llmproxy.providers.base import (
+    GENERATION_METHODS,
+    Extractor,
+    JSONBodyMeter,
+    KeyScanner,
+    Meter,
+    NullMeter,
+    ProviderFormat,
+    RequestInfo,
+    ScanMeter,
+    SSEMeter,
+    Tally,
+    as_int,
+    as_str,
+    decode_path,
+    dig,
+    is_json_type,
+    json_string,
+    loads,
+    media_type,
+    new_tally,
+    parse_json_body,
+    query_values,
+    text_chars,
+)
+from llmproxy.providers.openai import inspect_openai, openai_meter, openai_prompt_chars
+from llmproxy.sse import Event
+
+ID_HEADERS = ("x-request-id",)
+"""Gemini itself sends none; a gateway in front of it may."""
+
+_METHODS: Mapping[str, str] = {
+    "generateContent": "generateContent",
+    "streamGenerateContent": "streamGenerateContent",
+    "embedContent": "embedContent",
+    "batchEmbedContents": "embedContent",
+    "countTokens": "count_tokens",
+}
+
+# google.rpc status per HTTP status, as Google APIs answer them.
+_STATUSES: Mapping[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+_MODEL_VERSION = re.compile(rb'"modelVersion"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_RESPONSE_ID = re.compile(rb'"responseId"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_FINISH = re.compile(rb'"finishReason"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+
+
+def status_name(status: int) -> str:
+    """
+    The C{google.rpc.Code} name for an HTTP status.
+    """
+    if status in _STATUSES:
+        return _STATUSES[status]
+    return "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"
+
+
+def _error_json(status: int, message: str) -> bytes:
+    return orjson.dumps(
+        {"error": {"code": status, "message": message, "status": status_name(status)}}
+    )
+
+
+def model_name(value: object) -> str | None:
+    """
+    C{gemini-2.5-flash} from C{gemini-2.5-flash} or C{models/gemini-2.5-flash}.
+    """
+    name = as_str(value)
+    if name is not None and name.startswith("models/"):
+        name = name[len("models/") :] or None
+    return name
+
+
+def apply_usage_metadata(tally: Tally, usage: object) -> None:
+    """
+    Apply one C{usageMetadata} object.
+    """
+    if not isinstance(usage, dict):
+        return
+    thoughts = as_int(usage.get("thoughtsTokenCount"))
+    tally.set_tokens(
+        input_tokens=as_int(usage.get("promptTokenCount"))
+        + as_int(usage.get("toolUsePromptTokenCount")),
+        output_tokens=as_int(usage.get("candidatesTokenCount")) + thoughts,
+        cache_read_tokens=as_int(usage.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+class GeminiExtractor(Extractor):
+    """
+    Usage from C{GenerateContentResponse} objects (one, or a list of
+    streamed ones), or from the keys of a body too big to parse.
+    """
+
+    keys = ("usageMetadata", "modelVersion", "responseId", "finishReason")
+
+    def apply_json(self, tally: Tally, obj: object) -> None:
+        for response in obj if isinstance(obj, list) else [obj]:
+            if isinstance(response, dict):
+                self.apply_response(tally, response)
+
+    @staticmethod
+    def apply_response(tally: Tally, response: dict[str, object]) -> None:
+        """
+        Apply one C{GenerateContentResponse}.
+        """
+        tally.model = model_name(response.get("modelVersion")) or tally.model
+        tally.body_id = as_str(response.get("responseId")) or tally.body_id
+        reason = as_str(dig(response, "candidates", 0, "finishReason"))
+        tally.finish_reason = reason or tally.finish_reason
+        apply_usage_metadata(tally, response.get("usageMetadata"))
+
+    def apply_scan(self, tally: Tally, scanner: KeyScanner) -> None:
+        tally.model = model_name(scanner.first.get("modelVersion")) or tally.model
+        tally.body_id = as_str(scanner.first.get("responseId")) or tally.body_id
+        tally.finish_reason = as_str(scanner.last.get("finishReason")) or tally.finish_reason
+        apply_usage_metadata(tally, scanner.last.get("usageMetadata"))
+
+
+EXTRACTOR = GeminiExtractor()
+
+
+class GenerateStreamMeter(SSEMeter):
+    """
+    C{alt=sse} streams: every event is a C{GenerateContentResponse}.
+
+    Chunks are searched, not parsed: model, id and finish reason by regular
+    expression, and the last chunk that has C{usageMetadata} is kept (by
+    reference, at most one event) and parsed only when usage is asked for.
+    """
+
+    def __init__(self, tally: Tally) -> None:
+        super().__init__(tally)
+        self._last_usage: bytes | dict[str, object] | None = None
+        self._parsed: tuple[object, object] | None = None
+
+    def on_event(self, event: Event) -> bool:
+        tally = self.tally
+        if event.truncated:
+            scanner = KeyScanner(EXTRACTOR.keys)
+            scanner.feed(event.tail)
+            tally.model = tally.model or model_name(scanner.first.get("modelVersion"))
+            tally.body_id = tally.body_id or as_str(scanner.first.get("responseId"))
+            tally.finish_reason = as_str(scanner.last.get("finishReason")) or tally.finish_reason
+            usage = scanner.last.get("usageMetadata")
+            if isinstance(usage, dict):
+                self._last_usage = usage
+            return False
+        data = event.data
+        if tally.model is None:
+            match = _MODEL_VERSION.search(data)
+            if match:
+                tally.model = model_name(json_string(match.group(1)))
+        if tally.body_id is None:
+            match = _RESPONSE_ID.search(data)
+            if match:
+                tally.body_id = json_string(match.group(1))
+        match = _FINISH.search(data)
+        if match:
+            tally.finish_reason = json_string(match.group(1)) or tally.finish_reason
+        if b'"usageMetadata"' in data:
+            self._last_usage = data
+        return False
+
+    def snapshot(self) -> Tally:
+        source = self._last_usage
+        if source is None:
+            return self.tally
+        if self._parsed is None or self._parsed[0] is not source:
+            usage = dig(loads(source), "usageMetadata") if isinstance(source, bytes) else source
+            self._parsed = (source, usage)
+        tally = self.tally.copy()
+        apply_usage_metadata(tally, self._parsed[1])
+        return tally
+
+
+class GeminiFormat(ProviderFormat):
+    """
+    The Gemini API (Google AI Studio's C{generativelanguage} endpoints).
+    """
+
+    kind = "gemini"
+
+    def inspect_request(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
+        try:
+            return self._inspect(method, path, query, body)
+        except Exception:
+            return RequestInfo(None, False, None, "other", None)
+
+    def _inspect(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
+        segments = decode_path(path)
+        if "openai" in segments:
+            return inspect_openai(method, path, body)
+        verb = method.decode("ascii", "replace").upper()
+        endpoint = "other"
+        model = None
+        last = segments[-1] if segments else ""
+        resource, colon, action = last.rpartition(":")
+        if colon:
+            endpoint = _METHODS.get(action, "other")
+            if segments[-2:-1] in (["models"], ["tunedModels"]):
+                model = resource or None
+        elif "models" in segments[-2:]:
+            endpoint = "models"
+            if segments[-2:-1] == ["models"]:
+                model = last
+        body_json = parse_json_body(body)
+        alt = query_values(query, "alt") + query_values(query, "$alt")
+        streaming = endpoint == "streamGenerateContent" or "sse" in alt
+        return RequestInfo(model, streaming, None, endpoint, body_json, verb)
+
+    def error_body(self, status: int, message: str) -> bytes:
+        return _error_json(status, message)
+
+    def sse_error_event(self, status: int, message: str) -> bytes:
+        """
+        A C{data:} line holding the error body, and no C{event:} line: the
+        google-genai SDK raises its C{ClientError} / C{ServerError} for a
+        chunk that is C{{"error": ...}}, but fails on an C{event:} line with
+        a JSON decoding error instead.
+        """
+        return b"data: " + _error_json(status, message) + b"\n\n"
+
+    def prompt_text_chars(self, info: RequestInfo) -> int | None:
+        body = info.body_json
+        if info.endpoint in ("chat.completions", "completions", "embeddings"):
+            return openai_prompt_chars(info)
+        if not isinstance(body, dict):
+            return None if body is None else 0
+        texts = [
+            body.get(key)
+            for key in (
+                "contents",
+                "systemInstruction",
+                "system_instruction",
+                "content",
+                "requests",
+            )
+        ]
+        return text_chars(texts) + text_chars([body.get("tools")], count_keys=True)
+
+    def new_meter(
+        self,
+        info: RequestInfo,
+        content_type: bytes | None,
+        headers: Mapping[str, str],
+        strip_usage_chunk: bool,
+    ) -> Meter:
+        if info.endpoint in ("chat.completions", "completions", "embeddings"):
+            return openai_meter(info, content_type, headers, strip_usage_chunk, ID_HEADERS)
+        tally = new_tally(info, headers, ID_HEADERS)
+        if info.method not in GENERATION_METHODS or info.endpoint == "count_tokens":
+            return NullMeter(tally)
+        media = media_type(content_type)
+        if media == b"text/event-stream":
+            return GenerateStreamMeter(tally)
+        if is_json_type(media):
+            if info.endpoint == "streamGenerateContent":
+                return ScanMeter(tally, EXTRACTOR)
+            return JSONBodyMeter(tally, EXTRACTOR)
+        return NullMeter(tally)

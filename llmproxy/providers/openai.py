@@ -1,0 +1,388 @@
+# -*- test-case-name: llmproxy.test.test_providers_openai -*-
+"""
+The OpenAI wire format: Chat Completions, Completions, Responses,
+Embeddings and the rest of C{/v1}, as spoken by OpenAI itself and by the
+servers that copy it (Azure OpenAI, vLLM, Ollama, Groq, OpenRouter...).
+
+Usage, normalised (see L{llmproxy.usage.Usage}):
+  - Chat Completions, Completions, Embeddings: C{usage.prompt_tokens}
+    (cached ones included: C{prompt_tokens_details.cached_tokens} is a part),
+    C{usage.completion_tokens} (reasoning included:
+    C{completion_tokens_details.reasoning_tokens} is a part).
+  - Responses (and audio, images): C{usage.input_tokens} with
+    C{input_tokens_details.cached_tokens}, C{usage.output_tokens} with
+    C{output_tokens_details.reasoning_tokens}.
+  - Streams: Chat Completions and Completions report usage in one last chunk
+    with empty C{choices}, only when the request set
+    C{stream_options.include_usage}; L{OpenAIFormat.rewrite_request} sets it
+    and the meter then removes that chunk again.  Responses streams carry it
+    in C{response.completed} (or C{.incomplete} / C{.failed}).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import orjson
+
+from llmproxy.providers.base import (
+    GENERATION_METHODS,
+    Extractor,
+    JSONBodyMeter,
+    KeyScanner,
+    Meter,
+    NullMeter,
+    ProviderFormat,
+    RequestInfo,
+    SSEMeter,
+    Tally,
+    as_int,
+    as_str,
+    decode_path,
+    dig,
+    is_json_type,
+    json_string,
+    loads,
+    media_type,
+    new_tally,
+    parse_json_body,
+    text_chars,
+)
+from llmproxy.sse import Event
+
+ID_HEADERS = ("x-request-id",)
+
+STREAM_USAGE_ENDPOINTS = frozenset({"chat.completions", "completions"})
+"""Endpoints whose streams report usage only when asked to."""
+
+RESPONSES_FINAL_EVENTS = frozenset(
+    {b"response.completed", b"response.incomplete", b"response.failed"}
+)
+RESPONSES_START_EVENTS = frozenset({b"response.created", b"response.in_progress"})
+
+# (type, code) per status, as the OpenAI API answers them.
+_ERRORS: Mapping[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("invalid_request_error", None),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
+
+_MODEL = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_ID = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_FINISH = re.compile(rb'"finish_reason"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_USAGE_OBJECT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+_TYPE = re.compile(rb'"type"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
+
+
+def error_fields(status: int) -> tuple[str, str | None]:
+    """
+    The OpenAI error C{type} and C{code} for an HTTP status.
+    """
+    if status in _ERRORS:
+        return _ERRORS[status]
+    return ("server_error", None) if status >= 500 else ("invalid_request_error", None)
+
+
+def openai_error_body(status: int, message: str) -> bytes:
+    """
+    C{{"error": {"message", "type", "param", "code"}}}, the shape every
+    OpenAI SDK reads.
+    """
+    error_type, code = error_fields(status)
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    )
+
+
+def classify(method: str, segments: list[str]) -> str:
+    """
+    The endpoint name for an OpenAI-style path (any prefix before C{/v1}).
+    """
+    last = segments[-1] if segments else ""
+    if method == "POST":
+        if last == "completions":
+            return "chat.completions" if segments[-2:-1] == ["chat"] else "completions"
+        if last == "responses":
+            return "responses"
+        if last == "embeddings":
+            return "embeddings"
+    if "models" in segments[-2:]:
+        return "models"
+    return "other"
+
+
+def inspect_openai(method: bytes, path: bytes, body: bytes) -> RequestInfo:
+    """
+    L{OpenAIFormat.inspect_request}, shared with the OpenAI-compatible
+    endpoints of other providers.
+    """
+    verb = method.decode("ascii", "replace").upper()
+    segments = decode_path(path)
+    endpoint = classify(verb, segments)
+    body_json = parse_json_body(body)
+    model = user = None
+    streaming = False
+    if isinstance(body_json, dict):
+        model = as_str(body_json.get("model"))
+        user = as_str(body_json.get("user")) or as_str(body_json.get("safety_identifier"))
+        streaming = body_json.get("stream") is True
+    if model is None and "deployments" in segments[:-1]:
+        # Azure OpenAI names the deployment in the path instead.
+        model = segments[segments.index("deployments") + 1]
+    return RequestInfo(model, streaming, user, endpoint, body_json, verb)
+
+
+def openai_prompt_chars(info: RequestInfo) -> int | None:
+    """
+    Prompt text in an OpenAI-style body: messages, prompt, input,
+    instructions, and the tool definitions.
+    """
+    body = info.body_json
+    if not isinstance(body, dict):
+        return None if body is None else 0
+    texts = [body.get(key) for key in ("messages", "prompt", "input", "instructions", "system")]
+    tools = [body.get(key) for key in ("tools", "functions")]
+    return text_chars(texts) + text_chars(tools, count_keys=True)
+
+
+def apply_openai_usage(tally: Tally, usage: object) -> None:
+    """
+    Apply an OpenAI C{usage} object of either family.
+    """
+    if not isinstance(usage, dict):
+        return
+    if "input_tokens" in usage or "output_tokens" in usage:
+        tally.set_tokens(
+            input_tokens=as_int(usage.get("input_tokens")),
+            output_tokens=as_int(usage.get("output_tokens")),
+            cache_read_tokens=as_int(dig(usage, "input_tokens_details", "cached_tokens")),
+            reasoning_tokens=as_int(dig(usage, "output_tokens_details", "reasoning_tokens")),
+        )
+    else:
+        tally.set_tokens(
+            input_tokens=as_int(usage.get("prompt_tokens")),
+            output_tokens=as_int(usage.get("completion_tokens")),
+            cache_read_tokens=as_int(dig(usage, "prompt_tokens_details", "cached_tokens")),
+            reasoning_tokens=as_int(dig(usage, "completion_tokens_details", "reasoning_tokens")),
+        )
+
+
+def first_finish_reason(choices: object) -> str | None:
+    """
+    C{finish_reason} of the choice with index 0 (else the first choice).
+    """
+    if not isinstance(choices, list) or not choices:
+        return None
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            return as_str(choice.get("finish_reason"))
+    return as_str(dig(choices, 0, "finish_reason"))
+
+
+class OpenAIExtractor(Extractor):
+    """
+    Usage from an OpenAI response object (any endpoint), or from the keys of
+    a body too big to parse.
+    """
+
+    keys = ("model", "id", "usage", "finish_reason", "status")
+
+    def apply_json(self, tally: Tally, obj: object) -> None:
+        if not isinstance(obj, dict):
+            return
+        if obj.get("object") in ("response", "realtime.response") or "output" in obj:
+            self.apply_response(tally, obj)
+            return
+        tally.model = as_str(obj.get("model")) or tally.model
+        tally.body_id = as_str(obj.get("id")) or tally.body_id
+        tally.finish_reason = first_finish_reason(obj.get("choices")) or tally.finish_reason
+        apply_openai_usage(tally, obj.get("usage"))
+
+    def apply_response(self, tally: Tally, response: dict[str, object]) -> None:
+        """
+        Apply a Responses API C{response} object.
+        """
+        tally.model = as_str(response.get("model")) or tally.model
+        tally.body_id = as_str(response.get("id")) or tally.body_id
+        tally.finish_reason = as_str(response.get("status")) or tally.finish_reason
+        apply_openai_usage(tally, response.get("usage"))
+
+    def apply_scan(self, tally: Tally, scanner: KeyScanner) -> None:
+        tally.model = as_str(scanner.first.get("model")) or tally.model
+        tally.body_id = as_str(scanner.first.get("id")) or tally.body_id
+        tally.finish_reason = (
+            as_str(scanner.last.get("finish_reason"))
+            or as_str(scanner.first.get("status"))
+            or tally.finish_reason
+        )
+        apply_openai_usage(tally, scanner.last.get("usage"))
+
+
+EXTRACTOR = OpenAIExtractor()
+
+
+class ChatStreamMeter(SSEMeter):
+    """
+    Chat Completions / Completions streams: one chunk per event, C{data:
+    [DONE]} at the end, usage in a last chunk whose C{choices} is empty.
+
+    Each chunk is only searched (model and id until found, C{finish_reason},
+    a C{usage} object); just the chunk with a C{usage} object is parsed.
+    """
+
+    def __init__(self, tally: Tally, strip: bool) -> None:
+        super().__init__(tally, strip)
+        self._stripped = False
+
+    def on_event(self, event: Event) -> bool:
+        tally = self.tally
+        if event.truncated:
+            EXTRACTOR.scan(tally, event.tail)
+            return False
+        data = event.data
+        if tally.model is None:
+            match = _MODEL.search(data)
+            if match:
+                tally.model = json_string(match.group(1))
+        if tally.body_id is None:
+            match = _ID.search(data)
+            if match:
+                tally.body_id = json_string(match.group(1))
+        match = _FINISH.search(data)
+        if match:
+            tally.finish_reason = json_string(match.group(1)) or tally.finish_reason
+        if _USAGE_OBJECT.search(data) is None:
+            return False
+        chunk = loads(data)
+        if not isinstance(chunk, dict):
+            return False
+        apply_openai_usage(tally, chunk.get("usage"))
+        if self._stripped or chunk.get("choices") != []:
+            return False
+        self._stripped = True
+        return True
+
+
+class ResponsesStreamMeter(SSEMeter):
+    """
+    Responses API streams: typed events; the final one
+    (C{response.completed}, C{.incomplete} or C{.failed}) holds the whole
+    response with its usage, and only it (and the small C{response.created})
+    is parsed.
+    """
+
+    def on_event(self, event: Event) -> bool:
+        name = event.event
+        if event.truncated:
+            if not name or name in RESPONSES_FINAL_EVENTS:
+                EXTRACTOR.scan(self.tally, event.tail)
+            return False
+        if not name:
+            match = _TYPE.search(event.data, 0, 256)
+            name = match.group(1) if match else b""
+        if name in RESPONSES_FINAL_EVENTS or (
+            name in RESPONSES_START_EVENTS and self.tally.model is None
+        ):
+            response = dig(loads(event.data), "response")
+            if isinstance(response, dict):
+                EXTRACTOR.apply_response(self.tally, response)
+        return False
+
+
+class OpenAIFormat(ProviderFormat):
+    """
+    The OpenAI API and its compatible servers.
+    """
+
+    kind = "openai"
+
+    def inspect_request(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
+        try:
+            return inspect_openai(method, path, body)
+        except Exception:
+            return RequestInfo(None, False, None, "other", None)
+
+    def rewrite_request(
+        self, info: RequestInfo, body: bytes, inject_stream_usage: bool
+    ) -> tuple[bytes, bool]:
+        """
+        Ask a streaming Chat Completions / Completions request for usage.
+
+        The client's other C{stream_options} stay; a C{stream_options} that
+        is not an object is left for the upstream to reject.
+        """
+        request = info.body_json
+        if not (
+            inject_stream_usage
+            and info.streaming
+            and info.endpoint in STREAM_USAGE_ENDPOINTS
+            and isinstance(request, dict)
+        ):
+            return body, False
+        options = request.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict) or options.get("include_usage") is True:
+            return body, False
+        rewritten = dict(request)
+        rewritten["stream_options"] = {**options, "include_usage": True}
+        try:
+            return orjson.dumps(rewritten), True
+        except (TypeError, ValueError):
+            return body, False
+
+    def error_body(self, status: int, message: str) -> bytes:
+        return openai_error_body(status, message)
+
+    def sse_error_event(self, status: int, message: str) -> bytes:
+        """
+        C{event: error} with the error body as data: the OpenAI SDKs raise
+        C{APIError} on any stream event whose data has an C{error} key.
+        """
+        return b"event: error\ndata: " + openai_error_body(status, message) + b"\n\n"
+
+    def prompt_text_chars(self, info: RequestInfo) -> int | None:
+        return openai_prompt_chars(info)
+
+    def new_meter(
+        self,
+        info: RequestInfo,
+        content_type: bytes | None,
+        headers: Mapping[str, str],
+        strip_usage_chunk: bool,
+    ) -> Meter:
+        return openai_meter(info, content_type, headers, strip_usage_chunk, ID_HEADERS)
+
+
+def openai_meter(
+    info: RequestInfo,
+    content_type: bytes | None,
+    headers: Mapping[str, str],
+    strip_usage_chunk: bool,
+    id_headers: tuple[str, ...],
+) -> Meter:
+    """
+    The meter for an OpenAI-style response, shared with the
+    OpenAI-compatible endpoints of other providers.
+    """
+    tally = new_tally(info, headers, id_headers)
+    if info.method not in GENERATION_METHODS:
+        return NullMeter(tally)
+    media = media_type(content_type)
+    if media == b"text/event-stream":
+        if info.endpoint == "responses":
+            return ResponsesStreamMeter(tally)
+        return ChatStreamMeter(tally, strip_usage_chunk)
+    if is_json_type(media):
+        return JSONBodyMeter(tally, EXTRACTOR)
+    return NullMeter(tally)
