@@ -10,6 +10,9 @@ L{LimitRequest}, asks L{IRateLimiter.reserve}, and maps a L{Denial} to the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config import RateLimitConfig
@@ -23,6 +26,7 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
 )
+from llmproxy.ratelimit.redis_backend import RedisRateLimiter
 
 __all__ = [
     "BackendUnavailable",
@@ -31,20 +35,45 @@ __all__ = [
     "IRateLimiter",
     "LimitRequest",
     "MemoryRateLimiter",
+    "RedisRateLimiter",
     "Reservation",
     "estimate_tokens",
     "limiter_for",
+    "limiter_service",
     "sweeper_service",
 ]
 
 
-def limiter_for(config: RateLimitConfig, reactor: IReactorTime) -> IRateLimiter | None:
+def limiter_for(
+    config: RateLimitConfig,
+    reactor: IReactorTime,
+    metrics_hook: Callable[[], object] | None = None,
+) -> IRateLimiter | None:
     """
     The limiter C{config} asks for, or C{None} when rate limiting is off.
 
-    The caller runs the matching service: L{sweeper_service} for a
-    L{MemoryRateLimiter}.
+    Run L{limiter_service} of it as a child service.
+
+    @param metrics_hook: for a Redis limiter, called on each backend error
+        the caller does not see (see L{RedisRateLimiter}).
     """
     if not config.enabled:
         return None
+    if config.backend == "redis":
+        return RedisRateLimiter(config, reactor, reactor, metrics_hook)
     return MemoryRateLimiter(config, reactor)
+
+
+def limiter_service(
+    limiter: IRateLimiter, config: RateLimitConfig, clock: IReactorTime
+) -> IService | None:
+    """
+    The service a limiter needs running: the sweeper of a
+    L{MemoryRateLimiter} (every C{sweep_interval_seconds}), the connection
+    pool of a L{RedisRateLimiter} (the limiter itself).
+    """
+    if isinstance(limiter, MemoryRateLimiter):
+        return sweeper_service(limiter, config.sweep_interval_seconds, clock)
+    if isinstance(limiter, RedisRateLimiter):
+        return limiter
+    return None

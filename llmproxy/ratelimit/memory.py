@@ -298,7 +298,7 @@ def sweeper_service(limiter: MemoryRateLimiter, interval: float, clock: IReactor
     start).  A failing sweep is logged and the next one still runs: an
     exception would otherwise stop the underlying C{LoopingCall} for good.
     """
-    service = TimerService(interval, _sweep, limiter)  # type: ignore[no-untyped-call]
+    service = TimerService(interval, _sweep, limiter)
     service.clock = clock
-    service.setName("ratelimit-sweeper")  # type: ignore[no-untyped-call]
+    service.setName("ratelimit-sweeper")
     return service
