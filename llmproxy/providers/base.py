@@ -322,6 +322,7 @@ _SKIP_KEYS = frozenset(
         "tool_use_id",
         "tool_call_id",
         "call_id",
+        "model",
     }
 )
 
