@@ -2247,7 +2247,6 @@ class FakeUpstream:
             body=body,
         )
         self.received.append(received)
-        self._requests.put(received)
         return received
 
     def _handle(self, request: Request) -> None:
@@ -2296,6 +2295,8 @@ class FakeUpstream:
             reply,
             gzip=call.knobs.gzip and _accepts_gzip(received.headers),
         ).start()
+        # Last, so a waiter resuming synchronously sees the response under way.
+        self._requests.put(received)
 
     def _dispatch(self, dialect: _Dialect, handler: _Handler, call: _Call) -> _Reply:
         if call.request.method == b"POST":
@@ -2357,8 +2358,8 @@ def listen(
     open connection of the fake, so C{addCleanup(port.stopListening)} leaves
     a clean reactor.
     """
-    endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)  # type: ignore[no-untyped-call]
-    listening: Deferred[IListeningPort] = endpoint.listen(fake.site())  # type: ignore[no-untyped-call]
+    endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)  # type: ignore[no-untyped-call, unused-ignore]
+    listening: Deferred[IListeningPort] = endpoint.listen(fake.site())  # type: ignore[no-untyped-call, unused-ignore]
     return listening.addCallback(lambda bound: _FakePort(bound, fake))
 
 
