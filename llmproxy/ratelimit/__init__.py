@@ -11,6 +11,7 @@ L{LimitRequest}, asks L{IRateLimiter.reserve}, and maps a L{Denial} to the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
@@ -39,41 +40,93 @@ __all__ = [
     "Reservation",
     "estimate_tokens",
     "limiter_for",
-    "limiter_service",
+    "reconfigure_limiter",
+    "services_for",
     "sweeper_service",
 ]
 
 
+class BackendErrorCounter(Protocol):
+    """
+    Something that counts rate-limit backend errors by backend name (the
+    proxy's metrics).
+    """
+
+    def ratelimit_backend_error(self, backend: str) -> None: ...
+
+
+MetricsHook = Callable[[], object] | BackendErrorCounter | None
+
+
+def _hook(metrics: MetricsHook) -> Callable[[], object] | None:
+    if metrics is None or callable(metrics):
+        return metrics
+    counter = metrics
+    return lambda: counter.ratelimit_backend_error("redis")
+
+
 def limiter_for(
-    config: RateLimitConfig,
-    reactor: IReactorTime,
-    metrics_hook: Callable[[], object] | None = None,
+    config: RateLimitConfig, reactor: IReactorTime, metrics: MetricsHook = None
 ) -> IRateLimiter | None:
     """
     The limiter C{config} asks for, or C{None} when rate limiting is off.
 
-    Run L{limiter_service} of it as a child service.
+    Run what L{services_for} returns for it as child services.
 
-    @param metrics_hook: for a Redis limiter, called on each backend error
-        the caller does not see (see L{RedisRateLimiter}).
+    @param metrics: for a Redis limiter, told about each backend error the
+        caller does not see (see L{RedisRateLimiter}): a callable, or an
+        object with C{ratelimit_backend_error(backend)}.
     """
     if not config.enabled:
         return None
     if config.backend == "redis":
-        return RedisRateLimiter(config, reactor, reactor, metrics_hook)
+        return RedisRateLimiter(config, reactor, reactor, _hook(metrics))
     return MemoryRateLimiter(config, reactor)
 
 
-def limiter_service(
-    limiter: IRateLimiter, config: RateLimitConfig, clock: IReactorTime
-) -> IService | None:
+def services_for(
+    limiter: IRateLimiter | None, config: RateLimitConfig, clock: IReactorTime
+) -> list[IService]:
     """
-    The service a limiter needs running: the sweeper of a
+    The services a limiter needs running: the sweeper of a
     L{MemoryRateLimiter} (every C{sweep_interval_seconds}), the connection
     pool of a L{RedisRateLimiter} (the limiter itself).
     """
+    if limiter is None:
+        return []
+    # (Narrowed from IRateLimiter, not IRateLimiter | None: mypy-zope
+    # thinks an implementer cannot be in that union.)
     if isinstance(limiter, MemoryRateLimiter):
-        return sweeper_service(limiter, config.sweep_interval_seconds, clock)
+        return [sweeper_service(limiter, config.sweep_interval_seconds, clock)]
     if isinstance(limiter, RedisRateLimiter):
-        return limiter
-    return None
+        return [limiter]
+    return []
+
+
+def reconfigure_limiter(
+    current: IRateLimiter | None,
+    old: RateLimitConfig,
+    new: RateLimitConfig,
+    reactor: IReactorTime,
+    metrics: MetricsHook = None,
+) -> IRateLimiter | None:
+    """
+    The limiter to use after a configuration reload.
+
+    While the backend stays the same (and, for Redis, the URL), the current
+    limiter takes the new limits in place and keeps the usage counted so far:
+    a reload must not hand every client a fresh window.  Otherwise a new
+    limiter is built (or C{None} when rate limiting was turned off); the
+    caller then starts its L{services_for} and stops the old one's.
+    """
+    if not new.enabled:
+        return None
+    same = (
+        old.enabled
+        and old.backend == new.backend
+        and (new.backend == "memory" or old.redis.url == new.redis.url)
+    )
+    if same and current is not None and isinstance(current, MemoryRateLimiter | RedisRateLimiter):
+        current.reconfigure(new)
+        return current
+    return limiter_for(new, reactor, metrics)

@@ -17,6 +17,7 @@ import tracemalloc
 from typing import TYPE_CHECKING
 
 from attrs import evolve
+from twisted.application.internet import TimerService
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -27,9 +28,12 @@ from llmproxy.ratelimit import (
     IRateLimiter,
     LimitRequest,
     MemoryRateLimiter,
+    RedisRateLimiter,
     Reservation,
     estimate_tokens,
     limiter_for,
+    reconfigure_limiter,
+    services_for,
     sweeper_service,
 )
 from llmproxy.ratelimit.policy import DAY, MINUTE, tightest
@@ -711,3 +715,46 @@ class LimiterForTests(SynchronousTestCase):
     def test_memory(self) -> None:
         limiter = limiter_for(evolve(config(), backend="memory"), Clock())
         self.assertIsInstance(limiter, MemoryRateLimiter)
+
+    def test_services_for(self) -> None:
+        """
+        A memory limiter needs its sweeper, every C{sweep_interval_seconds}
+        on the given clock; no limiter needs nothing.
+        """
+        clock = Clock()
+        rate = evolve(config(), sweep_interval_seconds=12.5)
+        limiter = limiter_for(rate, clock)
+        [sweeper] = services_for(limiter, rate, clock)
+        assert isinstance(sweeper, TimerService)
+        self.assertEqual((sweeper.step, sweeper.clock), (12.5, clock))
+        self.assertEqual(services_for(None, rate, clock), [])
+
+    def test_reconfigure_in_place(self) -> None:
+        """
+        A reload with the same backend keeps the limiter and the usage it
+        has counted; the new limits apply to it.
+        """
+        clock = Clock()
+        old = config(Limits(requests_per_minute=5))
+        limiter = limiter_for(old, clock)
+        assert limiter is not None
+        assert isinstance(limiter, MemoryRateLimiter)
+        for _ in range(3):
+            limiter.reserve_now(request())
+        new = config(Limits(requests_per_minute=3))
+        self.assertIs(reconfigure_limiter(limiter, old, new, clock), limiter)
+        self.assertFalse(limiter.reserve_now(request()).allowed)
+
+    def test_reconfigure_replaces(self) -> None:
+        """
+        Turning limits off gives no limiter; turning them on, or switching
+        backend, a new one.
+        """
+        clock = Clock()
+        on = config(Limits(requests_per_minute=5))
+        off = RateLimitConfig()
+        limiter = limiter_for(on, clock)
+        self.assertIsNone(reconfigure_limiter(limiter, on, off, clock))
+        self.assertIsInstance(reconfigure_limiter(None, off, on, clock), MemoryRateLimiter)
+        redis = evolve(on, backend="redis")
+        self.assertIsInstance(reconfigure_limiter(limiter, on, redis, clock), RedisRateLimiter)

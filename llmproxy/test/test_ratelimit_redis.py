@@ -33,7 +33,7 @@ from llmproxy.ratelimit import (
     IRateLimiter,
     RedisRateLimiter,
     limiter_for,
-    limiter_service,
+    services_for,
 )
 from llmproxy.ratelimit.redis_backend import parse_redis_url
 from llmproxy.test.test_ratelimit import T0, LimiterContractMixin, config, request
@@ -382,7 +382,7 @@ class RedisRecoveryTests(RedisHelpers):
 
 class RedisURLTests(SynchronousTestCase):
     """
-    L{parse_redis_url}, L{limiter_for} and L{limiter_service} for Redis.
+    L{parse_redis_url}, L{limiter_for} and L{services_for} for Redis.
     """
 
     def test_full(self) -> None:
@@ -407,10 +407,32 @@ class RedisURLTests(SynchronousTestCase):
         self.assertRaises(ValueError, parse_redis_url, "redis://h/zero")
         self.assertRaises(ValueError, parse_redis_url, "redis://h:99999/0")
 
+    def test_metrics_object(self) -> None:
+        """
+        C{limiter_for} also takes the proxy's metrics object and counts
+        backend errors against the C{redis} backend.
+        """
+
+        class Counter:
+            def __init__(self) -> None:
+                self.counted: list[str] = []
+
+            def ratelimit_backend_error(self, backend: str) -> None:
+                self.counted.append(backend)
+
+        counter = Counter()
+        rate = RateLimitConfig(enabled=True, backend="redis", limits=Limits(requests_per_minute=1))
+        limiter = limiter_for(rate, Clock(), counter)
+        assert limiter is not None
+        # Not started: no backend, so the call fails open and is counted.
+        decision = self.successResultOf(limiter.reserve(request()))
+        self.assertEqual((decision.allowed, decision.reservation), (True, None))
+        self.assertEqual(counter.counted, ["redis"])
+
     def test_limiter_for(self) -> None:
         clock = Clock()
         rate = RateLimitConfig(enabled=True, backend="redis")
         limiter = limiter_for(rate, clock)
         self.assertIsInstance(limiter, RedisRateLimiter)
         assert limiter is not None
-        self.assertIs(limiter_service(limiter, rate, clock), limiter)
+        self.assertEqual(services_for(limiter, rate, clock), [limiter])
