@@ -278,3 +278,93 @@ class RequestInfoTests(SynchronousTestCase):
         info = RequestInfo("m", False, None, "other", None)
         self.assertEqual(info.method, "POST")
         self.assertEqual(info, RequestInfo("m", False, None, "other", None, "POST"))
+
+
+# Every format, endpoint and media type, fed garbage: bytes that are not
+# JSON, JSON cut anywhere, SSE with broken data, binary.
+_GARBAGE_PIECES = [
+    b'data: {"usage": {"prompt_tokens": "x"}, "choices": []}\n\n',
+    b'data: {"type":"message_start","message":{"usage":[1,2]}}\n\n',
+    b'event: message_delta\ndata: {"usage": null, "delta": 5}\n\n',
+    b'data: {"usageMetadata": {"promptTokenCount": -1}, "candidates": {}}\r\n\r\n',
+    b'event: response.completed\ndata: {"response": []}\n\n',
+    b'{"model": 1, "usage": {"input_tokens": 1e999}, "choices": [null]}',
+    b'[{"usageMetadata": "x"},',
+    b'"usage": {',
+    b"data: [DONE]\n\n",
+    b"\r",
+    b"\xff\xfe\x00",
+]
+_garbage = st.lists(
+    st.one_of(st.binary(max_size=40), st.sampled_from(_GARBAGE_PIECES)), max_size=12
+).map(b"".join)
+_REQUESTS = [
+    ("openai", b"/v1/chat/completions", b'{"model": "m", "stream": true}'),
+    ("openai", b"/v1/responses", b'{"model": "m", "stream": true}'),
+    ("openai", b"/v1/embeddings", b"{}"),
+    ("anthropic", b"/v1/messages", b'{"model": "m", "stream": true}'),
+    ("anthropic", b"/v1/chat/completions", b"{}"),
+    ("gemini", b"/v1beta/models/m:streamGenerateContent", b"{}"),
+    ("gemini", b"/v1beta/models/m:generateContent", b"\x00"),
+]
+_MEDIA = [b"text/event-stream", b"application/json", None, b"audio/wav", b"\xff;;"]
+
+
+class GarbageTests(SynchronousTestCase):
+    """
+    No input makes a format or a meter raise.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.sampled_from(_REQUESTS),
+        st.sampled_from(_MEDIA),
+        st.booleans(),
+        _garbage,
+        st.lists(st.integers(0, 400), max_size=6),
+    )
+    def test_meters(
+        self,
+        target: tuple[str, bytes, bytes],
+        media: bytes | None,
+        strip: bool,
+        body: bytes,
+        cuts: list[int],
+    ) -> None:
+        kind, path, request_body = target
+        fmt = format_for(kind)
+        info = fmt.inspect_request(b"POST", path, b"alt=sse", request_body)
+        fmt.prompt_text_chars(info)
+        meter = fmt.new_meter(info, media, {}, strip)
+        out = b""
+        last = 0
+        for cut in sorted(c for c in cuts if c <= len(body)):
+            out += meter.feed(body[last:cut])
+            meter.usage()
+            last = cut
+        out += meter.feed(body[last:]) + meter.finish()
+        self.assertIsInstance(meter.usage(), Usage)
+        if strip:
+            self.assertLessEqual(len(out), len(body))
+        else:
+            self.assertEqual(out, body)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.sampled_from(["openai", "anthropic", "gemini"]),
+        st.binary(max_size=8),
+        st.binary(max_size=60),
+        st.binary(max_size=20),
+        st.one_of(_garbage, st.sampled_from([b'{"model": {}, "messages": "x", "tools": 5}'])),
+    )
+    def test_requests(
+        self, kind: str, method: bytes, path: bytes, query: bytes, body: bytes
+    ) -> None:
+        fmt = format_for(kind)
+        info = fmt.inspect_request(method, path, query, body)
+        self.assertIsInstance(info, RequestInfo)
+        chars = fmt.prompt_text_chars(info)
+        self.assertTrue(chars is None or chars >= 0)
+        new_body, strip = fmt.rewrite_request(info, body, True)
+        self.assertIsInstance(new_body, bytes)
+        fmt.new_meter(info, b"text/event-stream", {}, strip).finish()
