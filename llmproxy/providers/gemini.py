@@ -41,7 +41,6 @@ from llmproxy.providers.base import (
     dig,
     is_json_type,
     json_string,
-    loads,
     media_type,
     new_tally,
     parse_json_body,
@@ -164,8 +163,8 @@ class GenerateStreamMeter(SSEMeter):
     C{alt=sse} streams: every event is a C{GenerateContentResponse}.
 
     Chunks are searched, not parsed: model, id and finish reason by regular
-    expression, and the last chunk that has C{usageMetadata} is kept (by
-    reference, at most one event) and parsed only when usage is asked for.
+    expression; of the last chunk that has C{usageMetadata}, the text from
+    that key on is kept and parsed only when usage is asked for.
     """
 
     def __init__(self, tally: Tally) -> None:
@@ -197,8 +196,11 @@ class GenerateStreamMeter(SSEMeter):
         match = _FINISH.search(data)
         if match:
             tally.finish_reason = json_string(match.group(1)) or tally.finish_reason
-        if b'"usageMetadata"' in data:
-            self._last_usage = data
+        at = data.rfind(b'"usageMetadata"')
+        if at >= 0:
+            # Keep only the text from the key on (usage sits near a chunk's
+            # end), and parse it only when usage is asked for.
+            self._last_usage = data[at:]
         return False
 
     def snapshot(self) -> Tally:
@@ -206,7 +208,12 @@ class GenerateStreamMeter(SSEMeter):
         if source is None:
             return self.tally
         if self._parsed is None or self._parsed[0] is not source:
-            usage = dig(loads(source), "usageMetadata") if isinstance(source, bytes) else source
+            if isinstance(source, bytes):
+                scanner = KeyScanner(("usageMetadata",))
+                scanner.feed(source)
+                usage = scanner.last.get("usageMetadata")
+            else:
+                usage = source
             self._parsed = (source, usage)
         tally = self.tally.copy()
         apply_usage_metadata(tally, self._parsed[1])

@@ -266,7 +266,11 @@ class ChatStreamMeter(SSEMeter):
         chunk = loads(data)
         if not isinstance(chunk, dict):
             return False
-        apply_openai_usage(tally, chunk.get("usage"))
+        usage = chunk.get("usage")
+        if not isinstance(usage, dict):
+            # Groq's own streams report it under x_groq.
+            usage = dig(chunk, "x_groq", "usage")
+        apply_openai_usage(tally, usage)
         if self._stripped or chunk.get("choices") != []:
             return False
         self._stripped = True

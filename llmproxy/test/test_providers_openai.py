@@ -920,3 +920,36 @@ class StrippingPropertyTests(SynchronousTestCase):
         self.assertEqual(out, expected)
         finish = "stop" if CHAT_CHUNKS[3] in stream else None
         self.assertEqual(meter.usage(), evolve(CHAT_USAGE, finish_reason=finish))
+
+
+class CompatibleServerTests(SynchronousTestCase):
+    """
+    OpenAI-compatible servers' own ways of reporting usage.
+    """
+
+    def test_groq(self) -> None:
+        """
+        Groq's final chunk carries usage under C{x_groq}.
+        """
+        final = (
+            b'{"id":"chatcmpl-0b1d","object":"chat.completion.chunk","created":1736000000,'
+            b'"model":"llama-3.1-8b-instant","system_fingerprint":"fp_9cb648b966",'
+            b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],'
+            b'"x_groq":{"id":"req_01jh","usage":{"queue_time":0.017,"prompt_tokens":40,'
+            b'"prompt_time":0.002,"completion_tokens":10,"completion_time":0.013,'
+            b'"total_tokens":50,"total_time":0.015}}}'
+        )
+        stream = sse(final, b"[DONE]")
+        meter = FORMAT.new_meter(CHAT, b"text/event-stream", {}, True)
+        self.assertEqual(run(meter, stream, 100), stream)
+        self.assertEqual(
+            meter.usage(),
+            Usage(
+                model="llama-3.1-8b-instant",
+                input_tokens=40,
+                output_tokens=10,
+                finish_reason="stop",
+                upstream_request_id="chatcmpl-0b1d",
+                reported=True,
+            ),
+        )
