@@ -294,12 +294,16 @@ class ResponsesStreamMeter(SSEMeter):
         if not name:
             match = _TYPE.search(event.data, 0, 256)
             name = match.group(1) if match else b""
-        if name in RESPONSES_FINAL_EVENTS or (
-            name in RESPONSES_START_EVENTS and self.tally.model is None
-        ):
+        if name in RESPONSES_FINAL_EVENTS:
             response = dig(loads(event.data), "response")
             if isinstance(response, dict):
                 EXTRACTOR.apply_response(self.tally, response)
+        elif name in RESPONSES_START_EVENTS and self.tally.model is None:
+            # Only who answers: its status, "in_progress", is no finish reason.
+            response = dig(loads(event.data), "response")
+            if isinstance(response, dict):
+                self.tally.model = as_str(response.get("model"))
+                self.tally.body_id = as_str(response.get("id"))
         return False
 
 

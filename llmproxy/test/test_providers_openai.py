@@ -778,7 +778,6 @@ class ResponsesStreamTests(SynchronousTestCase):
             meter.usage(),
             Usage(
                 model="gpt-4.1-2025-04-14",
-                finish_reason="in_progress",
                 upstream_request_id="req_7e3f",
             ),
         )
