@@ -744,6 +744,25 @@ class GeminiTests(FakeTestCase):
         [part] = body["candidates"][0]["content"]["parts"]
         self.assertEqual(part["functionCall"], {"name": "weather", "args": WEATHER_ARGUMENTS})
 
+    def test_snake_case_fields(self) -> None:
+        """
+        google-genai sends some fields snake_case (the API takes both).
+        """
+        declaration = {"name": "weather", "parameters_json_schema": WEATHER_TOOL_SCHEMA}
+        body = self.post(
+            b"/v1beta/models/gemini-2.0-flash:generateContent",
+            {**CONTENTS, "tools": [{"function_declarations": [declaration]}]},
+            GEMINI_AUTH,
+        ).json()
+        [part] = body["candidates"][0]["content"]["parts"]
+        self.assertEqual(part["functionCall"]["args"], WEATHER_ARGUMENTS)
+        limited = self.post(
+            b"/v1beta/models/gemini-2.0-flash:generateContent",
+            {**CONTENTS, "generation_config": {"max_output_tokens": 1}},
+            GEMINI_AUTH,
+        ).json()
+        self.assertEqual(limited["candidates"][0]["finishReason"], "MAX_TOKENS")
+
     def test_auth(self) -> None:
         target = b"/v1beta/models/gemini-2.0-flash:generateContent"
         missing = self.post(target, CONTENTS)

@@ -626,7 +626,9 @@ def _generate(call: _Call, tools: Sequence[_Tool], max_tokens: object) -> _Gener
     knobs = call.knobs
     if tools:
         tool = tools[0]
-        arguments = _dumps(_fake_value(tool.schema)).decode()
+        value = _fake_value(tool.schema)
+        # Every provider wants an object of arguments, whatever the schema says.
+        arguments = _dumps(value if isinstance(value, dict) else {}).decode()
         argument_pieces = _split(arguments, max(1, knobs.chunks))
         visible = knobs.output_tokens
         return _Generation(
@@ -1549,10 +1551,21 @@ def _gemini_usage(call: _Call, candidates: int | None) -> dict[str, Any]:
     return usage
 
 
+def _gemini_field(value: dict[str, Any], camel: str) -> Any:
+    """
+    A field of a Gemini request, spelt in camelCase or snake_case: the API
+    takes both (proto3 JSON), and google-genai sends some fields snake_case
+    (C{parameters_json_schema}).
+    """
+    if camel in value:
+        return value[camel]
+    return value.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
+
+
 def _gemini_tools(body: dict[str, Any]) -> list[_Tool]:
-    config = body.get("toolConfig")
+    config = _gemini_field(body, "toolConfig")
     if isinstance(config, dict):
-        calling = config.get("functionCallingConfig")
+        calling = _gemini_field(config, "functionCallingConfig")
         if isinstance(calling, dict) and calling.get("mode") == "NONE":
             return []
     found: list[_Tool] = []
@@ -1560,19 +1573,23 @@ def _gemini_tools(body: dict[str, Any]) -> list[_Tool]:
     if not isinstance(tools, list):
         return found
     for tool in tools:
-        declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None
+        declarations = (
+            _gemini_field(tool, "functionDeclarations") if isinstance(tool, dict) else None
+        )
         if not isinstance(declarations, list):
             continue
         for declaration in declarations:
             if isinstance(declaration, dict):
-                schema = declaration.get("parameters", declaration.get("parametersJsonSchema"))
+                schema = declaration.get("parameters") or _gemini_field(
+                    declaration, "parametersJsonSchema"
+                )
                 found.append(_Tool(str(declaration.get("name")), schema))
     return found
 
 
 def _gemini_max_tokens(body: dict[str, Any]) -> object:
-    config = body.get("generationConfig")
-    return config.get("maxOutputTokens") if isinstance(config, dict) else None
+    config = _gemini_field(body, "generationConfig")
+    return _gemini_field(config, "maxOutputTokens") if isinstance(config, dict) else None
 
 
 def _gemini_generate(call: _Call) -> _Reply:
@@ -1658,7 +1675,7 @@ def _gemini_count_tokens(call: _Call) -> _Reply:
 
 def _gemini_dimensions(request: Any) -> int:
     if isinstance(request, dict):
-        dimensions = request.get("outputDimensionality")
+        dimensions = _gemini_field(request, "outputDimensionality")
         if isinstance(dimensions, int) and dimensions > 0:
             return dimensions
     return _EMBEDDING_DIMENSIONS
