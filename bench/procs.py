@@ -228,3 +228,33 @@ def proc_status(pid: int) -> dict[str, int]:
         if len(parts) == 2 and parts[1] == "kB":
             result[name] = int(parts[0])
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User + system CPU time a process has used so far (from
+    C{/proc/<pid>/stat}, in clock ticks of usually 10 ms); 0 if it is gone.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may hold spaces; fields after its ")" are plain.
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def core_times(cpu: int) -> tuple[float, float]:
+    """
+    (busy, total) seconds CPU C{cpu} has accumulated since boot, from
+    C{/proc/stat}; busy is everything but idle and iowait, steal included.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            values = [int(value) for value in line.split()[1:9]]
+            user, nice, system, idle, iowait, irq, softirq, steal = values
+            busy = user + nice + system + irq + softirq + steal
+            return busy / tick, (busy + idle + iowait) / tick
+    return 0.0, 0.0

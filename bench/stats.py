@@ -92,6 +92,7 @@ class FeatureRow:
 
     variant: str
     samples: list[float] = field(factory=list)
+    cpu_us: list[float] = field(factory=list)
 
 
 @define
@@ -136,20 +137,24 @@ def features_table(direct: Sequence[float], rows: Sequence[FeatureRow]) -> list[
     proxy baseline (the first row) and against DIRECT.
     """
     lines = [
-        "| configuration (concurrency 16) | requests/s | vs proxy baseline | vs DIRECT |",
-        "|---|---:|---:|---:|",
-        f"| DIRECT | {spread(direct, 0)} | | 1.00x |",
+        "| configuration (concurrency 16) | requests/s | vs proxy baseline | vs DIRECT "
+        "| proxy CPU per request (µs) | CPU vs baseline |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| DIRECT | {spread(direct, 0)} | | 1.00x | | |",
     ]
-    baseline = rows[0].samples if rows else []
+    baseline = rows[0] if rows else FeatureRow("none")
     for row in rows:
-        to_base = ratio(row.samples, baseline)
-        to_direct = ratio(row.samples, direct)
         lines.append(
             f"| {row.variant} | {spread(row.samples, 0)} | "
-            f"{'n/a' if math.isnan(to_base) else f'{to_base:.2f}x'} | "
-            f"{'n/a' if math.isnan(to_direct) else f'{to_direct:.2f}x'} |"
+            f"{_times(ratio(row.samples, baseline.samples))} | "
+            f"{_times(ratio(row.samples, direct))} | {spread(row.cpu_us, 0)} | "
+            f"{_times(ratio(row.cpu_us, baseline.cpu_us))} |"
         )
     return lines
+
+
+def _times(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
 def budget_table(items: Sequence[Budget]) -> list[str]:
