@@ -827,7 +827,7 @@ class ErrorKnobTests(FakeTestCase):
         self.assertEqual(anthropic.status, 529)
         body = anthropic.json()
         self.assertEqual(body["error"], {"type": "overloaded_error", "message": "busy"})
-        self.assertEqual(body["request_id"], anthropic.header(b"request-id").decode())  # type: ignore[union-attr]
+        self.assertEqual(body["request_id"].encode(), anthropic.header(b"request-id"))
 
         gemini = self.post(
             b"/v1beta/models/m:generateContent", CONTENTS, [(b"x-fake-status", b"503")]
@@ -1138,6 +1138,31 @@ class FlowControlTests(FakeTestCase):
         self.assertGreaterEqual(len(text), 100000)
         self.assertLess(len(text), 100000 + 8192)
         self.assertEqual(self.fake.bytes_sent, len(response.body))
+        self.assertEqual(self.fake.last_body_sent, response.body)
+
+    def test_last_body_sent(self) -> None:
+        """
+        The body of the latest response, as written (gzip included), even
+        mid-stream; nothing when recording is off.
+        """
+        self.assertEqual(self.fake.last_body_sent, b"")
+        gzipped = self.post(
+            b"/v1/chat/completions",
+            CHAT,
+            [*OPENAI_AUTH, (b"x-fake-gzip", b"1"), (b"Accept-Encoding", b"gzip")],
+        )
+        self.assertEqual(self.fake.last_body_sent, gzipped.body)
+        streaming = self.exchange(
+            b"POST",
+            b"/v1/chat/completions",
+            [*OPENAI_AUTH, (b"x-fake-delay-ms", b"10")],
+            {**CHAT, "stream": True},
+        )
+        self.assertEqual(self.fake.last_body_sent, streaming.response().body)
+        self.assertNotEqual(self.fake.last_body_sent, b"")
+        self.fake.record_bodies = False
+        self.post(b"/v1/chat/completions", CHAT, OPENAI_AUTH)
+        self.assertEqual(self.fake.last_body_sent, b"")
 
     def test_gzip(self) -> None:
         """

@@ -156,7 +156,7 @@ __all__ = [
     "DEFAULT_CHUNKS",
     "DEFAULT_INPUT_TOKENS",
     "KNOBS",
-    "ConnectionLost",
+    "ClientDisconnect",
     "FakeUpstream",
     "ReceivedRequest",
     "fake_text",
@@ -294,7 +294,7 @@ class ReceivedRequest:
 
 
 @frozen
-class ConnectionLost:
+class ClientDisconnect:
     """
     A client connection that went away before its response was complete.
 
@@ -1885,6 +1885,7 @@ class _Responder:
         self._headers_sent = False
         self._chunks_sent = 0
         self._bytes_sent = 0
+        self.sent: list[bytes] | None = [] if fake.record_bodies else None
 
     def start(self) -> None:
         self._fake.active_responses += 1
@@ -1921,6 +1922,7 @@ class _Responder:
             headers.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
         request.write(b"")
         self._headers_sent = True
+        self._fake._last_responder = self
         if self._done:
             return
         if self._knobs.hang == "body":
@@ -1976,9 +1978,14 @@ class _Responder:
     def _write(self, data: bytes) -> None:
         if self._compressor is not None:
             data = self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._count(data)
+        self._request.write(data)
+
+    def _count(self, data: bytes) -> None:
         self._bytes_sent += len(data)
         self._fake.bytes_sent += len(data)
-        self._request.write(data)
+        if self.sent is not None:
+            self.sent.append(data)
 
     def _unregister(self) -> None:
         if self._registered:
@@ -1988,8 +1995,7 @@ class _Responder:
     def _complete(self) -> None:
         if self._compressor is not None:
             tail = self._compressor.flush()
-            self._bytes_sent += len(tail)
-            self._fake.bytes_sent += len(tail)
+            self._count(tail)
             self._request.write(tail)
         self._done = True
         self._unregister()
@@ -2021,7 +2027,7 @@ class _Responder:
         self._end()
         if not self._dying:
             self._fake._connection_lost(
-                ConnectionLost(
+                ClientDisconnect(
                     time=self._fake.clock.seconds(),
                     request=self._received,
                     headers_sent=self._headers_sent,
@@ -2069,7 +2075,7 @@ class _FakeChannel(HTTPChannel):
     """
 
     def headerReceived(self, line: bytes) -> bool:
-        accepted: bool = super().headerReceived(line)  # type: ignore[no-untyped-call]
+        accepted: bool = super().headerReceived(line)
         if accepted and self.requests:
             request = self.requests[-1]
             if isinstance(request, _RecordingRequest):
@@ -2084,13 +2090,13 @@ class _FakeChannel(HTTPChannel):
         return factory.fake if isinstance(factory, _FakeSite) else None
 
     def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
+        super().connectionMade()
         owner = self._owner()
         if owner is not None:
             owner._channels.add(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
         owner = self._owner()
         if owner is not None:
             owner._channel_gone(self)
@@ -2105,9 +2111,7 @@ class _FakeSite(Site):
     protocol = _FakeChannel  # type: ignore[assignment]
 
     def __init__(self, fake: FakeUpstream) -> None:
-        super().__init__(  # type: ignore[no-untyped-call]
-            fake.resource(), requestFactory=_RecordingRequest, reactor=fake.clock
-        )
+        super().__init__(fake.resource(), requestFactory=_RecordingRequest, reactor=fake.clock)
         self.fake = fake
 
     def log(self, request: HTTPRequest) -> None:
@@ -2122,7 +2126,7 @@ class _FakeResource(Resource):
     isLeaf = True
 
     def __init__(self, fake: FakeUpstream) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self._fake = fake
 
     def render(self, request: Request) -> object:
@@ -2164,6 +2168,8 @@ class FakeUpstream:
     @ivar bytes_sent: body bytes written over all responses (after gzip,
         before chunked framing).
     @ivar active_responses: responses started and not yet finished or lost.
+    @ivar record_bodies: keep each response's body for L{last_body_sent}
+        (on by default; the standalone server turns it off).
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -2171,11 +2177,13 @@ class FakeUpstream:
         self.defaults: dict[str, str] = {}
         self.require_auth = True
         self.received: list[ReceivedRequest] = []
-        self.connection_lost_events: list[ConnectionLost] = []
+        self.connection_lost_events: list[ClientDisconnect] = []
         self.paused_count = 0
         self.resumed_count = 0
         self.bytes_sent = 0
         self.active_responses = 0
+        self.record_bodies = True
+        self._last_responder: _Responder | None = None
         self._serial = itertools.count(1)
         self._requests: DeferredQueue[ReceivedRequest] = DeferredQueue()
         self._losses: DeferredQueue[float] = DeferredQueue()
@@ -2196,6 +2204,18 @@ class FakeUpstream:
         C{clock}.
         """
         return _FakeSite(self)
+
+    @property
+    def last_body_sent(self) -> bytes:
+        """
+        The body bytes (after gzip, without chunked framing) of the response
+        whose headers went out last, so far if it is still streaming.  Empty
+        when C{record_bodies} is off or nothing was sent.
+        """
+        responder = self._last_responder
+        if responder is None or responder.sent is None:
+            return b""
+        return b"".join(responder.sent)
 
     def wait_for_request(self) -> Deferred[ReceivedRequest]:
         """
@@ -2236,7 +2256,7 @@ class FakeUpstream:
             for waiter in waiting:
                 waiter.callback(None)
 
-    def _connection_lost(self, event: ConnectionLost) -> None:
+    def _connection_lost(self, event: ClientDisconnect) -> None:
         self.connection_lost_events.append(event)
         self._losses.put(event.time)
 
@@ -2375,8 +2395,8 @@ def listen(
     open connection of the fake, so C{addCleanup(port.stopListening)} leaves
     a clean reactor.
     """
-    endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)  # type: ignore[no-untyped-call, unused-ignore]
-    listening: Deferred[IListeningPort] = endpoint.listen(fake.site())  # type: ignore[no-untyped-call, unused-ignore]
+    endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)
+    listening: Deferred[IListeningPort] = endpoint.listen(fake.site())
     return listening.addCallback(lambda bound: _FakePort(bound, fake))
 
 
@@ -2418,6 +2438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(reactor: Any) -> Deferred[None]:
         fake = FakeUpstream(reactor)
         fake.require_auth = not options.no_auth
+        fake.record_bodies = False
         for item in options.default:
             name, _, value = item.partition("=")
             fake.defaults[name.strip().lower()] = value.strip()
