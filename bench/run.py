@@ -24,6 +24,7 @@ import os
 import platform
 import pstats
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1122,4 +1123,6 @@ def _say(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # `make bench BENCH_ARGS="--quick --only a"`: make puts command-line variables in
+    # the recipe's environment, and the Makefile target passes no arguments itself.
+    sys.exit(main([*shlex.split(os.environ.get("BENCH_ARGS", "")), *sys.argv[1:]]))
