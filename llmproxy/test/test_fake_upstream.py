@@ -295,6 +295,16 @@ class RecordingTests(FakeTestCase):
         self.exchange(b"GET", b"/v1/models/gpt-4o", OPENAI_AUTH)
         self.assertEqual(self.successResultOf(waiting).uri, b"/v1/models/gpt-4o")
 
+    def test_recording_can_be_turned_off(self) -> None:
+        self.fake.record_requests = False
+        waiting = self.fake.wait_for_request()
+        response = self.exchange(b"GET", b"/v1/models", OPENAI_AUTH).response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.fake.received, [])
+        self.assertNoResult(waiting)
+        waiting.cancel()
+        self.failureResultOf(waiting)
+
     def test_bare_resource_records_canonical_headers(self) -> None:
         """
         Mounted as a bare resource (here through treq's in-memory client), the

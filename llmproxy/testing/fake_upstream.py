@@ -23,6 +23,13 @@ In a test, on the reactor or in memory::
 or mount C{fake.resource()} (routing only) or C{fake.site()} (a L{Site} that
 also records raw header order and tracks connections) yourself.
 
+What a test can observe: C{fake.received} (every L{ReceivedRequest}: raw
+URI, raw header lines, body), C{wait_for_request()} (each request handed to
+exactly one waiter, in order, even if it arrived first),
+C{connection_lost_events} / C{wait_for_disconnect()} (clients that left
+mid-response, with the clock time), C{paused_count} / C{resumed_count}
+(flow control), C{bytes_sent}, C{last_body_sent}, C{active_responses}.
+
 Standalone, for process-level tests and benchmarks::
 
     python -m llmproxy.testing.fake_upstream --port 0 [--interface 127.0.0.1]
@@ -2170,6 +2177,9 @@ class FakeUpstream:
     @ivar active_responses: responses started and not yet finished or lost.
     @ivar record_bodies: keep each response's body for L{last_body_sent}
         (on by default; the standalone server turns it off).
+    @ivar record_requests: append to L{received} and feed
+        L{wait_for_request} (on by default; off in the standalone server,
+        where nobody reads them and a long benchmark would grow them forever).
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -2183,6 +2193,7 @@ class FakeUpstream:
         self.bytes_sent = 0
         self.active_responses = 0
         self.record_bodies = True
+        self.record_requests = True
         self._last_responder: _Responder | None = None
         self._serial = itertools.count(1)
         self._requests: DeferredQueue[ReceivedRequest] = DeferredQueue()
@@ -2283,7 +2294,8 @@ class FakeUpstream:
             headers=headers,
             body=body,
         )
-        self.received.append(received)
+        if self.record_requests:
+            self.received.append(received)
         return received
 
     def _handle(self, request: Request) -> None:
@@ -2333,7 +2345,8 @@ class FakeUpstream:
             gzip=call.knobs.gzip and _accepts_gzip(received.headers),
         ).start()
         # Last, so a waiter resuming synchronously sees the response under way.
-        self._requests.put(received)
+        if self.record_requests:
+            self._requests.put(received)
 
     def _dispatch(self, dialect: _Dialect, handler: _Handler, call: _Call) -> _Reply:
         if call.request.method == b"POST":
@@ -2439,6 +2452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fake = FakeUpstream(reactor)
         fake.require_auth = not options.no_auth
         fake.record_bodies = False
+        fake.record_requests = False
         for item in options.default:
             name, _, value = item.partition("=")
             fake.defaults[name.strip().lower()] = value.strip()
