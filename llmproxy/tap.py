@@ -1,0 +1,164 @@
+# -*- test-case-name: llmproxy.test.test_tap -*-
+"""
+The twistd plugin's options and the composition root: the only module that
+imports the global reactor, and only inside L{makeService}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python import usage
+
+from llmproxy import buildinfo
+from llmproxy.config import Config, ConfigError, load_config
+from llmproxy.health import HealthBoard
+from llmproxy.logs import LevelHolder, make_observer
+from llmproxy.metrics import Metrics
+from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter
+from llmproxy.runtime import ProxyState, Runtime, build_runtime, make_pool, pooled_agents
+from llmproxy.service import ProxyService, describe_listen
+from llmproxy.sinks import ICostSink, cost_sink_for
+from llmproxy.web import make_site
+
+log = Logger(namespace="llmproxy.tap")
+
+
+class Options(usage.Options):
+    """
+    C{twistd llmproxy} options.
+    """
+
+    synopsis = "[--config PATH]... [--listen DESCRIPTION]..."
+    longdesc = (
+        "Reverse proxy for LLM provider APIs. Later --config files deep-merge over "
+        "earlier ones; without any, built-in defaults serve the three providers."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["config"] = []
+        self["listen"] = []
+
+    def opt_config(self, path: str) -> None:
+        """
+        A YAML config file (repeatable; later files merge over earlier ones).
+        """
+        self["config"].append(path)
+
+    opt_c = opt_config
+
+    def opt_listen(self, description: str) -> None:
+        """
+        A server endpoint description, e.g. tcp:9002:interface=127.0.0.1 or
+        systemd:domain=INET:index=0 (repeatable).
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        """
+        Load and validate the configuration now, so a bad file ends twistd
+        with the error and exit status 1 before anything listens.
+        """
+        try:
+            settings = load_config(self["config"], os.environ)
+        except ConfigError as error:
+            sys.stderr.write(f"llmproxy: invalid configuration:\n{error}\n")
+            raise SystemExit(1) from None
+        self["settings"] = settings
+        listen = describe_listen(settings, self["listen"], os.environ.get("PORT"))
+        for description in listen:
+            problem = _check_description(description)
+            if problem is not None:
+                sys.stderr.write(f"llmproxy: bad --listen {description!r}: {problem}\n")
+                raise SystemExit(1)
+        self["listen"] = listen
+
+
+def _check_description(description: str) -> str | None:
+    """
+    Parse an endpoint description without listening; the reason it is bad,
+    or C{None}.
+    """
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as error:  # the parser raises a variety of types
+        return str(error) or type(error).__name__
+    return None
+
+
+def makeService(options: Mapping[str, Any]) -> IService:
+    from twisted.internet import reactor
+
+    return build_service(reactor, options["settings"], options["config"], options["listen"])
+
+
+def build_service(
+    reactor: Any, config: Config, config_paths: Sequence[str], listen: Sequence[str]
+) -> ProxyService:
+    """
+    Wire the process together: state, runtime, site, children, reload.
+    """
+    level = LevelHolder(config.logging.level)
+    observer = make_observer(config.logging.format, level, sys.stdout)
+    metrics = Metrics()
+    pool = make_pool(reactor)
+    agent_for = pooled_agents(reactor, pool)
+    limiter = limiter_for(config.features.rate_limiting, reactor, metrics)
+    runtime = build_runtime(config, agent_for, limiter)
+    sink: ICostSink
+    sink, sink_service = cost_sink_for(config.features.cost_tracking, reactor, metrics)
+    state = ProxyState(
+        clock=reactor,
+        runtime=runtime,
+        metrics=metrics,
+        health=HealthBoard(reactor),
+        sink=sink,
+        build=buildinfo.load(),
+        started_at=reactor.seconds(),
+    )
+    site = make_site(state)
+
+    def reload() -> Deferred[Runtime]:
+        loading: Deferred[Config] = deferToThread(load_config, list(config_paths), os.environ)
+
+        def rebuild(new: Config) -> Runtime:
+            current: IRateLimiter | None = state.runtime.limiter
+            new_limiter = reconfigure_limiter(
+                current,
+                state.runtime.config.features.rate_limiting,
+                new.features.rate_limiting,
+                reactor,
+                metrics,
+            )
+            level.set(new.logging.level)
+            return build_runtime(new, agent_for, new_limiter)
+
+        return loading.addCallback(rebuild)
+
+    service = ProxyService(reactor, listen, site, state, pool, reload, observer)
+    if sink_service is not None:
+        sink_service.setServiceParent(service)
+    for child in _limiter_services(limiter, config, reactor):
+        child.setServiceParent(service)
+    return service
+
+
+def _limiter_services(limiter: IRateLimiter | None, config: Config, reactor: Any) -> list[IService]:
+    """
+    The limiter's own services: the memory backend's sweeper, the Redis
+    backend's connection.
+    """
+    from llmproxy.ratelimit import services_for
+
+    return services_for(limiter, config.features.rate_limiting, reactor)

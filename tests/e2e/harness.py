@@ -1,0 +1,190 @@
+"""
+Shared pieces of the end-to-end suites: a proxy and a fake upstream, both on
+real loopback sockets in this process, and clients that can see chunks,
+timing and raw bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from llmproxy.config import Config, ProviderConfig, ServerConfig, Timeouts
+from llmproxy.service import ProxyService
+from llmproxy.tap import build_service
+from llmproxy.testing.fake_upstream import FakeUpstream, listen
+
+reactor: Any = _reactor
+
+
+def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, ProviderConfig]:
+    """
+    The three providers plus an OpenAI-compatible one mounted at C{/vllm/}
+    whose base URL has a path prefix.
+    """
+    timeouts = timeouts or Timeouts(connect_seconds=2, first_byte_seconds=5, idle_seconds=5)
+    return {
+        "openai": ProviderConfig(name="openai", kind="openai", base_url=base, timeouts=timeouts),
+        "anthropic": ProviderConfig(
+            name="anthropic", kind="anthropic", base_url=base, timeouts=timeouts
+        ),
+        "gemini": ProviderConfig(name="gemini", kind="gemini", base_url=base, timeouts=timeouts),
+        "vllm": ProviderConfig(
+            name="vllm", kind="openai", base_url=base + "/prefix", timeouts=timeouts
+        ),
+    }
+
+
+class ProxyTestCase(TestCase):
+    """
+    A trial TestCase with a fake upstream and a proxy running in-process on
+    loopback. C{self.proxy_url}, C{self.upstream_url}, C{self.fake},
+    C{self.http} (treq over a non-persistent pool).
+    """
+
+    timeouts: Timeouts | None = None
+
+    def config(self, upstream_base: str) -> Config:
+        return Config(
+            server=ServerConfig(max_body_bytes=16 * 1024 * 1024),
+            providers=provider_configs(upstream_base, self.timeouts),
+        )
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        self.fake = FakeUpstream(reactor)
+        port = yield listen(self.fake, reactor)
+        self.addCleanup(port.stopListening)
+        self.upstream_port = port.getHost().port
+        self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
+        yield self.start_proxy(self.config(self.upstream_url))
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+
+    def start_proxy(self, config: Config) -> Deferred[None]:
+        self.service: ProxyService = build_service(
+            reactor, config, [], ["tcp:0:interface=127.0.0.1"]
+        )
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        address: Any = self.service.ports[0].getHost()
+        self.proxy_port = address.port
+        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
+        done: Deferred[None] = Deferred()
+        done.callback(None)
+        return done
+
+    def with_config(self, **changes: Any) -> Config:
+        return attrs.evolve(self.config(self.upstream_url), **changes)
+
+
+@attrs.define
+class Chunk:
+    at: float
+    data: bytes
+
+
+class RawClient(Protocol):
+    """
+    Sends raw request bytes, records every chunk of the answer with its
+    arrival time, and fires C{done} when the server closes.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.chunks: list[Chunk] = []
+        self.done: Deferred[bytes] = Deferred()
+        self.got_data: Deferred[None] | None = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(Chunk(reactor.seconds(), data))
+        waiter, self.got_data = self.got_data, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    def next_data(self) -> Deferred[None]:
+        self.got_data = Deferred()
+        return self.got_data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.done.callback(b"".join(chunk.data for chunk in self.chunks))
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(chunk.data for chunk in self.chunks)
+
+
+def raw_request(
+    method: bytes,
+    target: bytes,
+    headers: Mapping[bytes, bytes] | Sequence[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+    host: bytes = b"localhost",
+) -> bytes:
+    """
+    Build an HTTP/1.1 request with C{Connection: close}.
+    """
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host, b"Connection: close"]
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or [])
+    for name, value in pairs:
+        lines.append(name + b": " + value)
+    if body or method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@inlineCallbacks
+def raw_exchange(port: int, request: bytes) -> Any:
+    """
+    Send C{request} on a new connection; returns the L{RawClient} once the
+    server closed the connection.
+    """
+    client = RawClient(request)
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    yield client.done
+    return client
+
+
+def split_response(raw: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
+    """
+    Parse a raw HTTP/1.1 response: status, lower-cased headers, body
+    (de-chunked when chunked).
+    """
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    if headers.get(b"transfer-encoding") == [b"chunked"]:
+        body = dechunk(body)
+    return status, headers, body
+
+
+def dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return out
