@@ -10,7 +10,7 @@ TRIAL  := $(PY) -m twisted.trial
 SRC    := llmproxy tests twisted/plugins bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install build dev run test test-unit test-e2e check fmt fmt-check lint typecheck bench \
+.PHONY: help install buildinfo build dev run test test-unit test-e2e check fmt fmt-check lint typecheck bench \
         version clean test-openai test-anthropic test-gemini test-health env-check test-all
 
 help: ## list the targets
@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# compat editable mode puts the checkout on sys.path, so twistd finds twisted/plugins/.
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(MAKE) --no-print-directory buildinfo
 	touch $(STAMP)
+
+buildinfo: ## record the git commit and build time in llmproxy/_build.json
+	@printf '{"commit": "%s", "built_at": "%s"}\n' "$$(git rev-parse HEAD 2>/dev/null)" \
+		"$$(date -u +%Y-%m-%dT%H:%M:%SZ)" > llmproxy/_build.json
 
 install: $(STAMP) ## create .venv and install llmproxy with its dev tools
 
-build: $(STAMP) ## build the wheel and sdist into dist/
+build: $(STAMP) buildinfo ## build the wheel and sdist into dist/
 	$(PY) -m build --outdir dist .
 
 run: $(STAMP) ## serve with configs/dev.yml (override: make run CONFIG=...)
@@ -53,10 +58,10 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check $(SRC)
 
 typecheck: $(STAMP) ## mypy --strict
-	$(VENV)/bin/mypy llmproxy tests twisted/plugins/llmproxy_plugin.py
+	$(VENV)/bin/mypy llmproxy tests bench twisted/plugins/llmproxy_plugin.py
 
 bench: $(STAMP) ## benchmarks: direct vs proxied, ratios (see bench/README.md)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 version: $(STAMP) ## print the build information
 	$(PY) -m llmproxy version
