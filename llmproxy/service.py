@@ -1,20 +1,29 @@
 # -*- test-case-name: llmproxy.test.test_service -*-
 """
 The process's service tree: listening, draining on stop, reloading on
-SIGHUP. Child services (the cost sink, the limiter sweeper) hang off
+SIGHUP, telling systemd about each (L{llmproxy.systemd}). Child services
+(the cost sink, the limiter sweeper, the systemd watchdog) hang off
 L{ProxyService} and are stopped only after the drain, so every record made
-by a draining request is still flushed.
+by a draining request is still flushed, and systemd keeps hearing from a
+process that drains for minutes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import IServiceCollection, MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    inlineCallbacks,
+    maybeDeferred,
+)
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -25,6 +34,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from llmproxy.config import Config
 from llmproxy.runtime import ProxyState, Runtime
+from llmproxy.systemd import Notifier, monotonic_usec
 from llmproxy.web import ProxySite
 
 log = Logger(namespace="llmproxy.service")
@@ -38,6 +48,8 @@ class ProxyService(MultiService):
     The root service.
 
     @ivar ports: the listening ports, once bound.
+    @ivar notifier: the line to systemd; by default read from the process
+        environment (a no-op outside systemd).
     """
 
     def __init__(
@@ -49,6 +61,8 @@ class ProxyService(MultiService):
         pool: HTTPConnectionPool,
         reloader: Callable[[], Deferred[Runtime]] | None = None,
         log_observer: ILogObserver | None = None,
+        notifier: Notifier | None = None,
+        monotonic: Callable[[], int] = monotonic_usec,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -60,6 +74,14 @@ class ProxyService(MultiService):
         self._log_observer = log_observer
         self.ports: list[IListeningPort] = []
         self._previous_sighup: Any = None
+        self.notifier = (
+            notifier if notifier is not None else Notifier.from_environment(os.environ, os.getpid())
+        )
+        self._monotonic = monotonic
+        self._reload_lock = DeferredLock()
+        watchdog = self.notifier.watchdog_service(reactor)
+        if watchdog is not None:
+            watchdog.setServiceParent(self)
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
         """
@@ -92,37 +114,68 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        for port in self.ports:
-            log.info("listening on {address}", address=str(port.getHost()))
+        addresses = [str(port.getHost()) for port in self.ports]
+        for address in addresses:
+            log.info("listening on {address}", address=address)
         if self._reloader is not None:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        # The ports are bound; they accept once the reactor runs (twistd
+        # starts services just before running it).
+        self._reactor.callWhenRunning(
+            self._notify_ready, "serving on " + ", ".join(addresses or ["no listener"])
+        )
+
+    def _notify_ready(self, status: str) -> None:
+        if self.running and not self._state.draining:
+            self.notifier.ready(status)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         self._reactor.callFromThread(self.reload)
 
-    def reload(self) -> Deferred[Runtime] | None:
+    def reload(self) -> Deferred[Runtime | None] | None:
         """
         Re-read every config file; swap the runtime on success, keep the old
         one and log the error on failure.
+
+        Reloads run one at a time, in the order they were asked for: a
+        SIGHUP during a reload starts another once it ends, so the last
+        signal always leaves the files' latest content in force. systemd
+        hears C{RELOADING=1} when each begins and C{READY=1} when it ends,
+        unless the process began to drain meanwhile.
+
+        @return: a L{Deferred} that fires with the new L{Runtime}, or with
+            C{None} when the files were rejected; C{None} when this service
+            cannot reload.
         """
         if self._reloader is None:
             return None
-        log.info("SIGHUP: reloading configuration")
-        reloading = self._reloader()
+        reloader = self._reloader
 
-        def swapped(runtime: Runtime) -> Runtime:
-            self._state.runtime = runtime
-            log.info("configuration reloaded")
-            return runtime
+        def once() -> Deferred[Runtime | None]:
+            log.info("SIGHUP: reloading configuration")
+            self.notifier.reloading(self._monotonic())
+            loaded: Deferred[Runtime] = maybeDeferred(reloader)
 
-        def failed(failure: Failure) -> None:
-            log.error(
-                "configuration reload failed; keeping the running configuration:\n{error}",
-                error=failure.getErrorMessage(),
-            )
+            def swapped(runtime: Runtime) -> Runtime | None:
+                self._state.runtime = runtime
+                log.info("configuration reloaded")
+                if not self._state.draining:
+                    self.notifier.ready("configuration reloaded")
+                return runtime
 
-        reloading.addCallbacks(swapped, failed)
-        return reloading
+            def failed(failure: Failure) -> None:
+                log.error(
+                    "configuration reload failed; keeping the running configuration:\n{error}",
+                    error=failure.getErrorMessage(),
+                )
+                if not self._state.draining:
+                    self.notifier.ready(
+                        "configuration reload failed; running the previous configuration"
+                    )
+
+            return loaded.addCallbacks(swapped, failed)
+
+        return self._reload_lock.run(once)
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -136,6 +189,7 @@ class ProxyService(MultiService):
         state = self._state
         server = state.runtime.config.server
         state.draining = True
+        self.notifier.stopping(f"draining {state.inflight} requests in flight")
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
         log.info(

@@ -128,19 +128,23 @@ def build_service(
         started_at=reactor.seconds(),
     )
     site = make_site(state)
+    limiter_children = _limiter_services(limiter, config, reactor)
 
     def reload() -> Deferred[Runtime]:
         loading: Deferred[Config] = deferToThread(load_config, list(config_paths), os.environ)
 
         def rebuild(new: Config) -> Runtime:
             current: IRateLimiter | None = state.runtime.limiter
-            new_limiter = reconfigure_limiter(
-                current,
-                state.runtime.config.features.rate_limiting,
-                new.features.rate_limiting,
-                reactor,
-                metrics,
-            )
+            old_limits = state.runtime.config.features.rate_limiting
+            new_limits = new.features.rate_limiting
+            new_limiter = reconfigure_limiter(current, old_limits, new_limits, reactor, metrics)
+            if (
+                new_limiter is not current
+                or new_limits.sweep_interval_seconds != old_limits.sweep_interval_seconds
+            ):
+                _replace_children(
+                    service, limiter_children, _limiter_services(new_limiter, new, reactor)
+                )
             level.set(new.logging.level)
             return build_runtime(new, agent_for, new_limiter)
 
@@ -149,9 +153,30 @@ def build_service(
     service = ProxyService(reactor, listen, site, state, pool, reload, observer)
     if sink_service is not None:
         sink_service.setServiceParent(service)
-    for child in _limiter_services(limiter, config, reactor):
+    for child in limiter_children:
         child.setServiceParent(service)
     return service
+
+
+def _replace_children(parent: ProxyService, current: list[IService], new: list[IService]) -> None:
+    """
+    After a reload built a new limiter (or changed the sweep interval):
+    stop the services of the old one and start those of the new one
+    (adding a child to a running service starts it). A service in both
+    lists (a Redis limiter kept across the reload) keeps running.
+    C{current} is updated in place.
+    """
+    for child in current:
+        if child not in new:
+            stopping = child.disownServiceParent()
+            if stopping is not None:
+                stopping.addErrback(
+                    lambda failure: log.failure("stopping a limiter service", failure)
+                )
+    for child in new:
+        if child not in current:
+            child.setServiceParent(parent)
+    current[:] = new
 
 
 def _limiter_services(limiter: IRateLimiter | None, config: Config, reactor: Any) -> list[IService]:
