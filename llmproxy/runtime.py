@@ -18,9 +18,16 @@ from typing import Any, cast
 from attrs import define, field, frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+)
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
 
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.config import Config, ProviderConfig
@@ -93,6 +100,34 @@ class Runtime:
 AgentFactory = Callable[[ProviderConfig], IAgent]
 
 
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """
+    Endpoints by (scheme, host, port), built once.
+
+    The standard factory builds a new endpoint, IDNA-encoding the host, for
+    every request; an upstream is one host, so that work is done once here.
+    The pool still decides whether a request reuses a connection.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            if uri.scheme == b"https":
+                creator = self._tls.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
 def pooled_agents(reactor: object, pool: HTTPConnectionPool) -> AgentFactory:
     """
     Build one L{Agent} per provider over the shared pool, so each provider
@@ -100,7 +135,9 @@ def pooled_agents(reactor: object, pool: HTTPConnectionPool) -> AgentFactory:
     """
 
     def make(provider: ProviderConfig) -> IAgent:
-        return Agent(reactor, connectTimeout=provider.timeouts.connect_seconds, pool=pool)
+        endpoints = CachedEndpoints(reactor, provider.timeouts.connect_seconds)
+        agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        return agent
 
     return make
 

@@ -192,7 +192,10 @@ class ProxySite(server.Site):
     requestFactory = ProxyRequest
 
     def __init__(self, resource: IResource, state: ProxyState) -> None:
-        super().__init__(resource)
+        # Never parse form or multipart bodies: the proxy forwards them
+        # untouched (file uploads are multipart), and deciding would cost a
+        # Content-Type parse with the email package on every request.
+        super().__init__(resource, parsePOSTFormSubmission=False)
         self.state = state
         self.channels: WeakSet[HTTPChannel] = WeakSet()
 

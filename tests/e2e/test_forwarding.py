@@ -353,6 +353,28 @@ class HeaderTests(ProxyTestCase):
         self.assertIn(b"x-llm-proxy-request-id", resp_headers)
 
 
+class UploadTests(ProxyTestCase):
+    @inlineCallbacks
+    def test_multipart_forwarded_untouched(self) -> Any:
+        """
+        A multipart upload (even a malformed one) is forwarded byte for byte:
+        the proxy never parses form bodies.
+        """
+        body = b"--xyz\r\nContent-Disposition: form-data; name=purpose\r\n\r\nbatch\r\n--broken"
+        headers = {
+            b"authorization": b"Bearer sk-test-1",
+            b"content-type": b"multipart/form-data; boundary=xyz",
+        }
+        client = yield raw_exchange(
+            self.proxy_port, raw_request(b"POST", b"/openai/v1/files", headers, body)
+        )
+        status, resp_headers, _ = split_response(client.received)
+        self.assertNotIn(b"x-llm-proxy-error-source", resp_headers)
+        self.assertEqual(self.fake.received[-1].body, body)
+        self.assertEqual(self.fake.received[-1].path, b"/v1/files")
+        self.assertNotEqual(status, 400)
+
+
 class PathSafetyTests(ProxyTestCase):
     @inlineCallbacks
     def test_dot_segments_rejected(self) -> Any:
