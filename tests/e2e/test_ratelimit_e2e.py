@@ -1,0 +1,144 @@
+"""
+Rate limiting end to end with the memory backend (issue 5): the 429 as the
+official SDKs and browsers see it, and token reservations reconciled to the
+usage the provider reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import attrs
+import openai
+import orjson
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from llmproxy.config import Config, FeaturesConfig, Limits, RateLimitConfig
+from llmproxy.ratelimit import MemoryRateLimiter
+from tests.e2e.harness import ProxyTestCase, raw_exchange, raw_request, split_response
+
+OPENAI_KEY = b"sk-test-1"
+OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
+ANTHROPIC_HEADERS = {
+    b"content-type": b"application/json",
+    b"x-api-key": b"sk-ant-test",
+    b"anthropic-version": b"2023-06-01",
+}
+CHAT_PATH = b"/openai/v1/chat/completions"
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
+MESSAGES = (
+    b'{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,'
+    b'"messages":[{"role":"user","content":"Say hi"}]}'
+)
+
+
+def with_limits(config: Config, limits: Limits) -> Config:
+    return attrs.evolve(
+        config,
+        features=FeaturesConfig(rate_limiting=RateLimitConfig(enabled=True, limits=limits)),
+    )
+
+
+class LimitTestCase(ProxyTestCase):
+    limits = Limits()
+
+    def config(self, upstream_base: str) -> Config:
+        return with_limits(super().config(upstream_base), self.limits)
+
+    @property
+    def limiter(self) -> MemoryRateLimiter:
+        # (object, not IRateLimiter | None: mypy-zope thinks no implementer
+        # can be in that union.)
+        limiter: object = self.service._state.runtime.limiter
+        assert isinstance(limiter, MemoryRateLimiter), limiter
+        return limiter
+
+    @inlineCallbacks
+    def post(self, path: bytes, headers: dict[bytes, bytes], body: bytes) -> Any:
+        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
+        return split_response(client.received)
+
+
+class RequestsPerMinuteTests(LimitTestCase):
+    timeout = 30
+    limits = Limits(requests_per_minute=3)
+
+    def in_thread(self, call: Callable[[], object]) -> Any:
+        return deferToThread(call)
+
+    @inlineCallbacks
+    def test_fourth_request_is_limited(self) -> Any:
+        """
+        With C{requests_per_minute: 3}, three requests pass with
+        C{X-RateLimit-Limit} / C{-Remaining}; the fourth is a 429 in the
+        provider's error shape with every SPEC header and CORS; the official
+        OpenAI and Anthropic SDKs raise C{RateLimitError} with our message.
+        """
+        for remaining in (2, 1, 0):
+            status, headers, body = yield self.post(CHAT_PATH, OPENAI_HEADERS, CHAT)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(headers[b"x-ratelimit-limit"], [b"3"])
+            self.assertEqual(headers[b"x-ratelimit-remaining"], [b"%d" % remaining])
+        self.assertEqual(len(self.fake.received), 3)
+
+        origin = b"https://app.example"
+        status, headers, body = yield self.post(
+            CHAT_PATH, {**OPENAI_HEADERS, b"origin": origin}, CHAT
+        )
+        self.assertEqual(status, 429, body)
+        self.assertEqual(len(self.fake.received), 3, "a denied request is not forwarded")
+        self.assertIn(headers[b"access-control-allow-origin"][0], (origin, b"*"))
+        exposed = b",".join(headers.get(b"access-control-expose-headers", [])).lower()
+        for name in (b"retry-after", b"x-ratelimit-limit", b"x-ratelimit-remaining"):
+            self.assertIn(name, exposed)
+        retry_after = int(headers[b"retry-after"][0])
+        self.assertTrue(1 <= retry_after <= 61, retry_after)
+        self.assertEqual(headers[b"x-ratelimit-limit"], [b"3"])
+        self.assertEqual(headers[b"x-ratelimit-remaining"], [b"0"])
+        reset = int(headers[b"x-ratelimit-reset"][0])
+        self.assertTrue(1 <= reset <= 61, reset)
+        self.assertEqual(headers[b"x-ratelimit-scope"], [b"global"])
+        self.assertEqual(headers[b"x-ratelimit-metric"], [b"requests"])
+        self.assertEqual(headers[b"x-ratelimit-window"], [b"minute"])
+        self.assertEqual(headers[b"x-llm-proxy-error-source"], [b"proxy"])
+        error = orjson.loads(body)["error"]
+        message = error["message"]
+        self.assertLessEqual({"message", "type", "code"}, set(error))
+        self.assertIn("Rate limit", message)
+
+        openai_client = openai.OpenAI(
+            base_url=self.proxy_url + "/openai/v1", api_key="sk-test-1", max_retries=0
+        )
+        self.addCleanup(openai_client.close)
+
+        def openai_call() -> object:
+            return openai_client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}]
+            )
+
+        failure = yield self.assertFailure(self.in_thread(openai_call), openai.RateLimitError)
+        self.assertEqual(failure.status_code, 429)
+        self.assertIn(message, str(failure))
+        self.assertEqual(failure.body["message"], message)
+
+        anthropic_client = anthropic.Anthropic(
+            base_url=self.proxy_url + "/anthropic", api_key="sk-ant-test", max_retries=0
+        )
+        self.addCleanup(anthropic_client.close)
+
+        def anthropic_call() -> object:
+            return anthropic_client.messages.create(
+                model="claude-haiku-4-5",
+                max_tokens=64,
+                messages=[{"role": "user", "content": "Say hi"}],
+            )
+
+        failure = yield self.assertFailure(self.in_thread(anthropic_call), anthropic.RateLimitError)
+        self.assertEqual(failure.status_code, 429)
+        self.assertIn(message, str(failure))
+        self.assertEqual(failure.body["type"], "error")
+        self.assertEqual(failure.body["error"]["message"], message)
+        self.assertEqual(len(self.fake.received), 3)
