@@ -56,10 +56,20 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+_TRIGGERS = ("bearer", "basic", "api-key", "api_key", "authorization", "key=", "sk-", "aiza")
+"""
+Substrings (lower case) at least one of which every rule needs; a line with
+none of them is returned untouched without running the expressions.
+"""
+
+
 def redact(text: str) -> str:
     """
     Replace anything that looks like a credential in C{text}.
     """
+    lowered = text.lower()
+    if not any(trigger in lowered for trigger in _TRIGGERS):
+        return text
     for pattern, replacement in _RULES:
         text = pattern.sub(replacement, text)
     return text
