@@ -6,6 +6,7 @@ imports the global reactor, and only inside L{makeService}.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -100,7 +101,12 @@ def _check_description(description: str) -> str | None:
 def makeService(options: Mapping[str, Any]) -> IService:
     from twisted.internet import reactor
 
-    return build_service(reactor, options["settings"], options["config"], options["listen"])
+    service = build_service(reactor, options["settings"], options["config"], options["listen"])
+    # Everything built so far lives as long as the process: keep the
+    # collector from walking it again on every full collection.
+    gc.collect()
+    gc.freeze()
+    return service
 
 
 def build_service(
