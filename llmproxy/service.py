@@ -42,6 +42,15 @@ log = Logger(namespace="llmproxy.service")
 CLOSE_WAIT_SECONDS = 2.0
 """After the drain, how long closing connections may take to flush."""
 
+IDLE_CLOSE_DELAY = 0.5
+"""
+After the listeners close, how long a connection without a request may
+still deliver one before it is closed as idle. A connection accepted just
+before the listener closed has usually not been read yet: closing it at
+once would drop a request its client already sent (a restart on a shared
+socket hands the next connections to the new process, but not that one).
+"""
+
 
 class ProxyService(MultiService):
     """
@@ -181,9 +190,10 @@ class ProxyService(MultiService):
     def stopService(self) -> Any:
         """
         Drain: answer 503 on C{/health} at once, keep listening for the grace
-        period (so a load balancer sees it), stop listening, let in-flight
-        requests and streams finish up to the drain timeout, close the
-        connections (flushing their last writes), then stop the children
+        period (so a load balancer sees it), stop listening, close the
+        connections that carry no request (after L{IDLE_CLOSE_DELAY}), let
+        in-flight requests and streams finish up to the drain timeout, close
+        the connections (flushing their last writes), then stop the children
         (the cost sink flushes here) and close the upstream pool.
         """
         state = self._state
@@ -203,6 +213,8 @@ class ProxyService(MultiService):
         yield DeferredList(
             [maybeDeferred(port.stopListening) for port in self.ports], consumeErrors=True
         )
+        if any(not getattr(channel, "requests", None) for channel in list(self._site.channels)):
+            yield deferLater(self._reactor, IDLE_CLOSE_DELAY, lambda: None)
         self._close_idle_connections()
         idle = state.wait_idle()
         idle.addTimeout(server.drain_timeout_seconds, self._reactor)
