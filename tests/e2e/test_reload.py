@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from llmproxy.testing.fake_upstream import FakeUpstream, fake_text, listen
 from llmproxy.testing.proxy_process import ProxyProcess
+from llmproxy.testing.redis_server import REDIS_SERVER, REDIS_SERVER_MISSING, RedisServer
 from tests.e2e.harness import reactor
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -189,6 +190,33 @@ class ReloadTests(TestCase):
             response, _ = yield self.chat()
             codes.append(response.code)
         self.assertEqual(codes, [200, 429])
+
+    @inlineCallbacks
+    def test_switch_to_redis(self) -> Any:
+        """
+        A reload that switches the limiter to Redis starts the new backend's
+        connection: with C{fail_mode: closed}, a limiter that was never
+        started would answer 503 to everything.
+        """
+        if REDIS_SERVER is None:
+            raise self.skipTest(REDIS_SERVER_MISSING)
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        redis.start()
+        self.write_config(limits="enabled: true\nlimits: {requests_per_minute: 100}")
+        yield self.start()
+        response, _ = yield self.chat()
+        self.assertEqual(response.code, 200)
+        self.write_config(
+            limits="enabled: true\nbackend: redis\nfail_mode: closed\n"
+            f"redis: {{url: '{redis.url()}'}}\nlimits: {{requests_per_minute: 2}}"
+        )
+        yield self.sighup()
+        codes = []
+        for _ in range(3):
+            response, body = yield self.chat()
+            codes.append(response.code)
+        self.assertEqual(codes, [200, 200, 429], body)
 
     @inlineCallbacks
     def test_invalid_file_changes_nothing(self) -> Any:
