@@ -621,9 +621,16 @@ def _copy_response_headers(response: IResponse, request: Request) -> bool:
         if lower in skip or lower.startswith(b"access-control-"):
             continue
         request.responseHeaders.setRawHeaders(name, list(values))
-    encoding = headers.getRawHeaders(b"content-encoding")
-    if encoding:
-        request.responseHeaders.setRawHeaders(b"content-encoding", list(encoding))
+    encodings = [
+        token.strip()
+        for value in headers.getRawHeaders(b"content-encoding", [])
+        for token in value.split(b",")
+        if token.strip() and token.strip().lower() != b"identity"
+    ]
+    # Twisted's ContentDecoderAgent leaves an empty Content-Encoding on every
+    # response that had none; only a real coding counts (and is passed on).
+    if encodings:
+        request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
         return True
     return False
 

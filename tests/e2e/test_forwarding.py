@@ -111,6 +111,7 @@ class RoundTripTests(ProxyTestCase):
             status, resp_headers, received = split_response(proxied.received)
             self.assertEqual(status, 200, (name, received))
             self.assertEqual(received, self.fake.last_body_sent, name)
+            self.assertNotIn(b"content-encoding", resp_headers, name)
             self.assertGreater(len(received), 50, name)
             seen = self.fake.received[-1]
             self.assertEqual(seen.uri, upstream_path, name)
