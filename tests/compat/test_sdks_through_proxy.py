@@ -67,6 +67,14 @@ def knobs(status: int, message: str) -> dict[str, str]:
     return {"x-fake-status": str(status), "x-fake-error-message": message}
 
 
+def response_text(answer: Any) -> str:
+    """
+    The text of a raw C{generateContent} answer (or stream chunk).
+    """
+    parts = answer["candidates"][0]["content"]["parts"]
+    return "".join(part.get("text", "") for part in parts)
+
+
 class _ThroughProxy(ProxyTestCase):
     """
     The proxy and fake of L{ProxyTestCase}, and ways to start a second proxy
@@ -171,6 +179,37 @@ class OpenAITests(_ThroughProxy):
             [received] = self.fake.received
             self.assertEqual(received.path, b"/v1/chat/completions")
             self.assertEqual(received.header("authorization"), b"Bearer sk-test")
+
+        return self.in_thread(call).addCallback(check)
+
+    def test_chat_stream_without_include_usage(self) -> Deferred[None]:
+        """
+        The proxy asks the upstream for usage and removes the usage-only
+        chunk it added, so the SDK sees exactly the stream it asked for:
+        every chunk has a choice, none carries usage, the text is whole, and
+        no (empty) C{Content-Encoding} reaches the client.
+        """
+
+        def call() -> None:
+            with self.client() as c:
+                raw = c.chat.completions.with_raw_response.create(
+                    model="gpt-4o",
+                    messages=self.MESSAGES,
+                    stream=True,
+                    extra_headers={"x-fake-chunks": "5"},
+                )
+                chunks = list(raw.parse())
+            self.assertNotIn("content-encoding", raw.headers)
+            self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+            self.assertTrue(all(chunk.choices for chunk in chunks), chunks[-1])
+            self.assertTrue(all(chunk.usage is None for chunk in chunks))
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+            self.assertEqual(text, fake_text(5))
+            self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
+
+        def check(ignored: None) -> None:
+            [received] = self.fake.received
+            self.assertEqual(received.json()["stream_options"], {"include_usage": True})
 
         return self.in_thread(call).addCallback(check)
 
@@ -630,21 +669,18 @@ class GeminiTests(_ThroughProxy):
         )
         self.assertEqual(response.code, 200)
         answer = orjson.loads((yield content(response)))
-        parsed = genai_types.GenerateContentResponse._from_response(response=answer, kwargs={})
-        self.assertEqual(parsed.text, fake_text())
+        self.assertEqual(response_text(answer), fake_text())
         response = yield self.http.post(
             f"{base}:streamGenerateContent?alt=sse&key=AIza-query", data=body, headers=headers
         )
         self.assertEqual(response.code, 200)
         stream = yield content(response)
         texts = [
-            genai_types.GenerateContentResponse._from_response(
-                response=orjson.loads(line[len(b"data: ") :]), kwargs={}
-            ).text
+            response_text(orjson.loads(line[len(b"data: ") :]))
             for line in stream.splitlines()
             if line.startswith(b"data: ")
         ]
-        self.assertEqual("".join(t or "" for t in texts), fake_text())
+        self.assertEqual("".join(texts), fake_text())
         plain, streamed = self.fake.received
         self.assertEqual(plain.query, b"key=AIza-query")
         self.assertEqual(streamed.query, b"alt=sse&key=AIza-query")
