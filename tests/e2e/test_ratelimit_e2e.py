@@ -16,8 +16,9 @@ import orjson
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from llmproxy import identity
 from llmproxy.config import Config, FeaturesConfig, Limits, RateLimitConfig
-from llmproxy.ratelimit import MemoryRateLimiter
+from llmproxy.ratelimit import LimitRequest, MemoryRateLimiter
 from tests.e2e.harness import ProxyTestCase, raw_exchange, raw_request, split_response
 
 OPENAI_KEY = b"sk-test-1"
@@ -142,3 +143,84 @@ class RequestsPerMinuteTests(LimitTestCase):
         self.assertEqual(failure.body["type"], "error")
         self.assertEqual(failure.body["error"]["message"], message)
         self.assertEqual(len(self.fake.received), 3)
+
+
+class TokenReconciliationTests(LimitTestCase):
+    timeout = 30
+    limits = Limits(tokens_per_minute=100_000)
+
+    def used_tokens(self, model: str, key: bytes) -> int:
+        """
+        The tokens counted against the scopes of a request for C{model} with
+        C{key}, read by probing the limiter with a zero-token request (whose
+        request slot is then released).
+        """
+        probe = LimitRequest(
+            provider="openai",
+            model=model,
+            key_id=identity.key_id(key),
+            user=None,
+            estimated_tokens=0,
+        )
+        decision = self.limiter.reserve_now(probe)
+        self.assertTrue(decision.allowed)
+        assert decision.reservation is not None and decision.remaining is not None
+        self.limiter.release(decision.reservation)
+        return 100_000 - decision.remaining
+
+    @inlineCallbacks
+    def test_reservation_follows_reported_usage(self) -> Any:
+        """
+        A request first reserves its estimate (visible in
+        C{X-RateLimit-Remaining}); once the response is over, the limiter
+        holds the real input + output tokens instead. An upstream 5xx gives
+        the estimate back (providers do not bill errors).
+        """
+        # OpenAI counts prompt text: "Say hi" is 6 characters, 2 tokens at 4
+        # characters per token.
+        estimate = 2
+        status, headers, body = yield self.post(
+            CHAT_PATH,
+            {
+                **OPENAI_HEADERS,
+                b"x-fake-input-tokens": b"1234",
+                b"x-fake-output-tokens": b"56",
+            },
+            CHAT,
+        )
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers[b"x-ratelimit-limit"], [b"100000"])
+        self.assertEqual(headers[b"x-ratelimit-remaining"], [b"%d" % (100_000 - estimate)])
+        key_id = identity.key_id(OPENAI_KEY)
+        self.assertEqual(
+            {scope for window, scope in self.limiter.scopes() if window == "minute"},
+            {"global", "provider:openai", "model:gpt-4o-mini", f"key:{key_id}"},
+        )
+        self.assertEqual(self.used_tokens("gpt-4o-mini", OPENAI_KEY), 1234 + 56)
+
+        status, headers, body = yield self.post(
+            CHAT_PATH, {**OPENAI_HEADERS, b"x-fake-status": b"500"}, CHAT
+        )
+        self.assertEqual(status, 500, body)
+        self.assertEqual(self.used_tokens("gpt-4o-mini", OPENAI_KEY), 1234 + 56)
+
+        status, headers, body = yield self.post(
+            b"/anthropic/v1/messages",
+            {
+                **ANTHROPIC_HEADERS,
+                b"x-fake-input-tokens": b"700",
+                b"x-fake-cached-tokens": b"300",
+                b"x-fake-output-tokens": b"9",
+            },
+            MESSAGES,
+        )
+        self.assertEqual(status, 200, body)
+        # Global scope: both providers' real usage (Anthropic input counts its
+        # cache reads: 700 + 300, plus 9 output).
+        probe = LimitRequest(
+            provider="anthropic", model=None, key_id=None, user=None, estimated_tokens=0
+        )
+        decision = self.limiter.reserve_now(probe)
+        assert decision.reservation is not None and decision.remaining is not None
+        self.limiter.release(decision.reservation)
+        self.assertEqual(100_000 - decision.remaining, 1234 + 56 + 1009)

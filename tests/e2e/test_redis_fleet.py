@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -21,6 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from llmproxy import identity
 from llmproxy.testing.fake_upstream import FakeUpstream, listen
 from llmproxy.testing.proxy_process import ProxyProcess
 from llmproxy.testing.redis_server import REDIS_SERVER, REDIS_SERVER_MISSING, RedisServer
@@ -267,3 +268,133 @@ class OutageTests(FleetTestCase):
         self.assertLess(took, 12, recovered)
         self.assertEqual((yield self.redis_hget("llmproxy:rl:minute:global", "r")), 5)
         self.assertNotIn(500, recovered)
+
+
+class ReconciliationTests(FleetTestCase):
+    @inlineCallbacks
+    def test_redis_tokens_match_metered_tokens(self) -> Any:
+        """
+        A mixed run (OpenAI JSON and SSE, Anthropic SSE with cache tokens,
+        Gemini with thoughts, an upstream 500) over two daemons: the token
+        counters in Redis equal the sum of C{total_tokens} in the cost
+        records, per scope.
+        """
+        limits = {"tokens_per_minute": 10_000_000, "tokens_per_day": 100_000_000}
+        paths = [os.path.join(self.directory, f"cost-{n}.jsonl") for n in (1, 2)]
+        procs = yield self.start(
+            self.write_config("a", limits=limits, cost_path=paths[0]),
+            self.write_config("b", limits=limits, cost_path=paths[1]),
+        )
+        calls: list[tuple[str, bytes, Mapping[str, str], int]] = []
+        for n in range(4):
+            calls += [
+                (
+                    "/openai/v1/chat/completions",
+                    CHAT,
+                    {
+                        **OPENAI_HEADERS,
+                        "x-fake-input-tokens": str(100 + n),
+                        "x-fake-output-tokens": str(7 * n),
+                        "x-fake-reasoning-tokens": str(n),
+                    },
+                    200,
+                ),
+                (
+                    "/openai/v1/chat/completions",
+                    CHAT_STREAM,
+                    {
+                        **OPENAI_HEADERS,
+                        "x-fake-input-tokens": "2500",
+                        "x-fake-cached-tokens": "2000",
+                    },
+                    200,
+                ),
+                (
+                    "/anthropic/v1/messages",
+                    MESSAGES,
+                    {
+                        **ANTHROPIC_HEADERS,
+                        "x-fake-input-tokens": "40",
+                        "x-fake-cached-tokens": "3000",
+                        "x-fake-cache-write-tokens": str(500 * n),
+                        "x-fake-output-tokens": "33",
+                    },
+                    200,
+                ),
+                (
+                    GEMINI_PATH,
+                    GEMINI,
+                    {
+                        **GEMINI_HEADERS,
+                        "x-fake-input-tokens": "12",
+                        "x-fake-output-tokens": "4",
+                        "x-fake-reasoning-tokens": "250",
+                    },
+                    200,
+                ),
+                (
+                    "/openai/v1/chat/completions",
+                    CHAT,
+                    {**OPENAI_HEADERS, "x-fake-status": "500"},
+                    500,
+                ),
+            ]
+        results = yield gatherResults(
+            [
+                self.send(procs[index % 2], path, body, headers)
+                for index, (path, body, headers, _) in enumerate(calls)
+            ]
+        )
+        self.assertEqual(
+            [status for status, _, _ in results], [expected for _, _, _, expected in calls]
+        )
+        records = yield self.wait_records(paths, len(calls))
+        expected = {
+            "global": sum(r["total_tokens"] for r in records),
+            "provider:openai": sum(r["total_tokens"] for r in records if r["provider"] == "openai"),
+            "provider:anthropic": sum(
+                r["total_tokens"] for r in records if r["provider"] == "anthropic"
+            ),
+            "model:claude-haiku-4-5": sum(
+                r["total_tokens"] for r in records if r["model"] == "claude-haiku-4-5"
+            ),
+            f"key:{identity.key_id(b'AIza-fleet')}": sum(
+                r["total_tokens"] for r in records if r["provider"] == "gemini"
+            ),
+        }
+        # Tokens every provider reported, so the comparison is not trivial.
+        self.assertGreater(expected["provider:anthropic"], 4 * 3000)
+        self.assertTrue(all(r["total_tokens"] == 0 for r in records if r["status"] == 500))
+        found = yield self.wait_redis(expected)
+        self.assertEqual(found, expected)
+        day = yield self.redis_hget("llmproxy:rl:day:global", "t")
+        self.assertEqual(day, expected["global"])
+
+    @inlineCallbacks
+    def wait_records(self, paths: Sequence[str], count: int) -> Any:
+        deadline = time.monotonic() + 10
+        while True:
+            records = []
+            for path in paths:
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        records += [orjson.loads(line) for line in f.read().splitlines()]
+            if len(records) >= count or time.monotonic() > deadline:
+                self.assertEqual(len(records), count)
+                return records
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @inlineCallbacks
+    def wait_redis(self, expected: Mapping[str, int]) -> Any:
+        """
+        The minute windows' token totals of C{expected}'s scopes, once they
+        match (reconciliations are asynchronous) or after 5 seconds.
+        """
+        deadline = time.monotonic() + 5
+        while True:
+            found = {}
+            for scope in expected:
+                found[scope] = yield self.redis_hget(f"llmproxy:rl:minute:{scope}", "t")
+            if found == expected or time.monotonic() > deadline:
+                return found
+            yield deferLater(reactor, 0.05, lambda: None)
