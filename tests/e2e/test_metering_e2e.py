@@ -664,10 +664,14 @@ class MetricsTests(MeteringTestCase):
         )
         yield self.fake.wait_for_request()
         yield self.fake.wait_for_request()
-        during = yield self.scrape()
-        self.assertEqual(
-            during[("llmproxy_active_streams", frozenset({("provider", "anthropic")}))], 1.0
-        )
+        gauge = ("llmproxy_active_streams", frozenset({("provider", "anthropic")}))
+        for _ in range(50):
+            during = yield self.scrape()
+            if during.get(gauge) == 1.0:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(during.get(gauge), 1.0)
+        self.assertFalse(streaming.called, "the stream was still open")
         yield streaming
         # An upstream that dies mid-stream, and an unpriced model.
         yield self.post(
