@@ -128,13 +128,20 @@ class ProxyProcess:
 
     def _start_timed_out(self) -> None:
         started, self._started = self._started, None
-        if started is not None:
-            self.send_signal(signal.SIGKILL)
-            started.errback(
-                RuntimeError(
-                    "llmproxy did not start in time:\n" + self.output.decode("utf-8", "replace")
-                )
-            )
+        if started is None:
+            return
+        self.send_signal(signal.SIGKILL)
+        error = RuntimeError(
+            "llmproxy did not start in time (its 'listening on' line needs logging.level "
+            "info or debug):\n" + self.output.decode("utf-8", "replace")
+        )
+
+        def fail(_: object) -> None:
+            started.errback(error)
+
+        # Fail only once the killed process is reaped, so no process is left
+        # behind in the reactor.
+        self.wait_exit().addBoth(fail)
 
     def _ended(self, reason: Failure) -> None:
         if reason.check(ProcessDone):
