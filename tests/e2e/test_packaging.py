@@ -21,6 +21,39 @@ from llmproxy.testing.proxy_process import REPO_ROOT
 from tests.e2e.harness import raw_exchange, raw_request, reactor, split_response
 
 
+class EditableInstallTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_twistd_finds_plugin_outside_the_checkout(self) -> Any:
+        """
+        After C{make install} (an editable install in compat mode), the venv's
+        twistd lists the plugin from any directory, with no PYTHONPATH.
+        """
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out, _, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "import llmproxy, sys; sys.stdout.write(llmproxy.__file__)"],
+            env=env,
+            path=work,
+            reactor=reactor,
+        )
+        if code != 0:
+            raise SkipTest("llmproxy is not installed in this interpreter (run make install)")
+        self.assertIn(str(REPO_ROOT).encode(), out, "expected the editable install")
+        listing, _, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "--help"],
+            env=env,
+            path=work,
+            reactor=reactor,
+        )
+        self.assertEqual(code, 0)
+        self.assertIn(b"llmproxy", listing)
+
+
 class WheelTests(TestCase):
     timeout = 240
 
