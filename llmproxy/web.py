@@ -87,6 +87,7 @@ class ProxyRequest(server.Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.access = AccessFields()
+        self._chunks: list[bytes] = []
 
     def _max_body(self) -> int:
         site = getattr(self.channel, "site", None)
@@ -104,11 +105,12 @@ class ProxyRequest(server.Request):
             return
         self._received += len(data)
         if self._received > self._max_body():
-            self.content = BytesIO()
+            self._chunks = []
             self._reject_too_large()
             return
-        assert self.content is not None
-        self.content.write(data)
+        # Kept as received and joined once in requestReceived: a growing
+        # BytesIO reallocates, and its read() then copies the whole body again.
+        self._chunks.append(data)
 
     def _reject_too_large(self) -> None:
         """
@@ -168,6 +170,11 @@ class ProxyRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
             return
+        if self._chunks:
+            # BytesIO shares an initial bytes object, and read() of all of it
+            # returns that same object: the body is copied once, here.
+            self.content = BytesIO(b"".join(self._chunks))
+            self._chunks = []
         super().requestReceived(command, _origin_form(path), version)
 
 
