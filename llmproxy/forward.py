@@ -23,7 +23,7 @@ from attrs import define, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,7 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from llmproxy import identity
-from llmproxy.httperrors import ERROR_SOURCE_HEADER, send_error
+from llmproxy.httperrors import send_error
 from llmproxy.metering import make_record
 from llmproxy.providers.base import Meter, RequestInfo
 from llmproxy.ratelimit import BackendUnavailable, Decision, LimitRequest, estimate_tokens
@@ -657,10 +657,8 @@ class Relay(Protocol):
         self.sse = sse
         self.idle_timer: IDelayedCall | None = None
         self.aborted: tuple[str, str] | None = None
-        self.producer: IPushProducer | None = None
 
     def connectionMade(self) -> None:
-        self.producer = self.transport  # type: ignore[assignment]
         self.request.registerProducer(self.transport, True)
         self._arm_idle()
 
@@ -744,7 +742,6 @@ class Relay(Protocol):
 
 
 __all__ = [
-    "ERROR_SOURCE_HEADER",
     "HOP_BY_HOP",
     "BytesProducer",
     "ForwardResource",

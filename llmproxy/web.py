@@ -25,7 +25,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy.forward import ForwardResource, Route
-from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body, send_error
+from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.metrics import metrics_resource
 from llmproxy.runtime import ProxyState
 
@@ -422,6 +422,3 @@ def make_site(state: ProxyState, request_timeout: float = 60.0) -> ProxySite:
     site.timeOut = request_timeout
     site.noisy = False
     return site
-
-
-__all__ = ["GatewayRoot", "ProxyRequest", "ProxySite", "cors_headers", "make_site", "send_error"]

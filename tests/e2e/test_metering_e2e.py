@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 
 from llmproxy import identity
 from llmproxy.config import Config, load_config
+from llmproxy.test.test_metering import FIELDS
 from llmproxy.testing.fake_upstream import FakeUpstream, listen
 from llmproxy.testing.proxy_process import ProxyProcess
 from tests.e2e.harness import (
@@ -45,31 +46,7 @@ from tests.e2e.harness import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_YML = REPO_ROOT / "configs" / "base.yml"
 
-RECORD_FIELDS = [
-    "timestamp",
-    "request_id",
-    "provider",
-    "model",
-    "matched_model",
-    "endpoint",
-    "user_id",
-    "key_id",
-    "is_streaming",
-    "status",
-    "complete",
-    "finish_reason",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "input_cost",
-    "output_cost",
-    "total_cost",
-    "duration_ms",
-    "ttfb_ms",
-]
+RECORD_FIELDS = FIELDS
 """SPEC 5's record fields, in the SPEC's order."""
 
 TOTAL = 10_000
