@@ -22,7 +22,7 @@ from twisted.python import usage
 from llmproxy import buildinfo
 from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.health import HealthBoard
-from llmproxy.logs import LevelHolder, make_observer
+from llmproxy.logs import LevelHolder, LineBuffer, make_observer
 from llmproxy.metrics import Metrics
 from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter
 from llmproxy.runtime import ProxyState, Runtime, build_runtime, make_pool, pooled_agents
@@ -116,7 +116,10 @@ def build_service(
     Wire the process together: state, runtime, site, children, reload.
     """
     level = LevelHolder(config.logging.level)
-    observer = make_observer(config.logging.format, level, sys.stdout)
+    lines = LineBuffer(sys.stdout, reactor)
+    observer = make_observer(config.logging.format, level, lines)
+    # The last lines (the drain, "stopped") are written once the reactor is done.
+    reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
     metrics = Metrics()
     pool = make_pool(reactor)
     agent_for = pooled_agents(reactor, pool)

@@ -7,11 +7,21 @@ from __future__ import annotations
 import io
 
 import orjson
-from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, LogLevel, formatTime, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.logs import JSONObserver, LevelHolder, TextObserver, make_observer, redact
+from llmproxy.logs import (
+    FLUSH_BYTES,
+    FLUSH_SECONDS,
+    JSONObserver,
+    LevelHolder,
+    LineBuffer,
+    TextObserver,
+    make_observer,
+    redact,
+)
 
 SECRETS = [
     "sk-proj-abcdefghijklmnopqrstuvwxyz0123",
@@ -112,3 +122,75 @@ class ObserverTests(SynchronousTestCase):
         make_observer("json", LevelHolder("info"), io.StringIO())
         self.assertEqual(before, list(globalLogPublisher._observers))
         self.assertIs(LogLevel.info, LogLevel.levelWithName("info"))
+
+
+class LineBufferTests(SynchronousTestCase):
+    """
+    Lines are written in batches on a timer, at once for warnings and
+    errors, and whenever a batch grows large.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stream = io.StringIO()
+        self.lines = LineBuffer(self.stream, self.clock)
+        self.log = Logger(
+            namespace="llmproxy.access",
+            observer=make_observer("text", LevelHolder("info"), self.lines),
+        )
+
+    def test_info_waits_for_the_timer(self) -> None:
+        self.log.info("one {n}", n=1)
+        self.log.info("two {n}", n=2)
+        self.assertEqual(self.stream.getvalue(), "")
+        self.clock.advance(FLUSH_SECONDS)
+        written = self.stream.getvalue().splitlines()
+        self.assertEqual(len(written), 2)
+        self.assertTrue(written[0].endswith("one 1"))
+        self.assertTrue(written[1].endswith("two 2"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_warning_flushes_everything_before_it(self) -> None:
+        self.log.info("before")
+        self.log.warn("trouble")
+        written = self.stream.getvalue().splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in written], ["before", "trouble"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_other_namespaces_written_at_once(self) -> None:
+        """
+        Only access lines wait: "listening on" and the like are written as
+        they happen.
+        """
+        Logger(namespace="llmproxy.service", observer=self.log.observer).info("listening")
+        self.assertIn("listening", self.stream.getvalue())
+
+    def test_large_batch_written_without_waiting(self) -> None:
+        line = "x" * 1000
+        for _ in range(FLUSH_BYTES // 1000 + 1):
+            self.log.info(line)
+        self.assertGreaterEqual(len(self.stream.getvalue()), FLUSH_BYTES)
+
+    def test_flush_writes_the_rest(self) -> None:
+        self.log.info("last words")
+        self.lines.flush()
+        self.assertIn("last words", self.stream.getvalue())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.lines.flush()  # nothing left: a no-op
+
+    def test_without_clock_every_line_is_written(self) -> None:
+        stream = io.StringIO()
+        LineBuffer(stream).add("now\n")
+        self.assertEqual(stream.getvalue(), "now\n")
+
+    def test_timestamp_per_line(self) -> None:
+        """
+        The cached timestamp follows the event time across seconds.
+        """
+        observer = TextObserver(LineBuffer(self.stream))
+        for text, when in (("a", 0.2), ("b", 0.9), ("c", 61.0)):
+            observer({"log_format": text, "log_time": when, "log_level": LogLevel.info})
+        stamps = [line.split(" ", 1)[0] for line in self.stream.getvalue().splitlines()]
+        self.assertEqual(stamps[0], stamps[1])
+        self.assertEqual(stamps[0], formatTime(0))
+        self.assertEqual(stamps[2], formatTime(61))
