@@ -37,10 +37,11 @@ from zope.interface import implementer
 
 from llmproxy import identity
 from llmproxy.httperrors import send_error
-from llmproxy.metering import make_record
+from llmproxy.metering import Cost, CostRecord, make_record
 from llmproxy.providers.base import Meter, RequestInfo
 from llmproxy.ratelimit import BackendUnavailable, Decision, LimitRequest, estimate_tokens
 from llmproxy.runtime import ProxyState, Runtime, Upstream
+from llmproxy.sinks import NullCostSink
 from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.forward")
@@ -390,12 +391,14 @@ class ProxyCall:
         url = provider.base_url.encode("utf-8") + path
         if query:
             url += b"?" + query
-        client = request.getClientAddress()
+        forwarded = self.runtime.config.server.forwarded_headers
+        # Who the client is and over what only matter for X-Forwarded-*, and
+        # asking the transport costs interface checks on every request.
         headers = forward_request_headers(
             request.requestHeaders,
-            getattr(client, "host", None),
-            request.isSecure(),
-            self.runtime.config.server.forwarded_headers,
+            getattr(request.getClientAddress(), "host", None) if forwarded else None,
+            request.isSecure() if forwarded else False,
+            forwarded,
         )
         body_producer = (
             BytesProducer(body) if body or request.method not in (b"GET", b"HEAD") else None
@@ -540,7 +543,34 @@ class ProxyCall:
         duration = now - self.started
         ttfb = None if self.ttfb is None else self.ttfb - self.started
         state.metrics.request_finished(self.name, model, status, duration, ttfb, usage, cost)
-        record = make_record(
+        ttfb_ms = None if ttfb is None else round(ttfb * 1000.0, 3)
+        if not isinstance(state.sink, NullCostSink):
+            state.sink.write(self._record(now, model, status, outcome, usage, cost, duration))
+        access = getattr(self.request, "access", None)
+        if access is not None:
+            access.model = model
+            access.streaming = self.streaming
+            access.ttfb_ms = ttfb_ms
+            access.input_tokens = usage.input_tokens
+            access.output_tokens = usage.output_tokens
+            access.total_cost = cost.total_cost
+        self._reconcile(outcome, usage)
+
+    def _record(
+        self,
+        now: float,
+        model: str | None,
+        status: int,
+        outcome: _Outcome,
+        usage: Usage,
+        cost: Cost,
+        duration: float,
+    ) -> CostRecord:
+        """
+        The cost record of this call (built only when cost tracking is on).
+        """
+        ttfb = None if self.ttfb is None else self.ttfb - self.started
+        return make_record(
             now=now,
             request_id=self.request_id,
             provider=self.name,
@@ -556,16 +586,6 @@ class ProxyCall:
             duration_ms=duration * 1000.0,
             ttfb_ms=None if ttfb is None else ttfb * 1000.0,
         )
-        state.sink.write(record)
-        access = getattr(self.request, "access", None)
-        if access is not None:
-            access.model = model
-            access.streaming = self.streaming
-            access.ttfb_ms = record.ttfb_ms
-            access.input_tokens = usage.input_tokens
-            access.output_tokens = usage.output_tokens
-            access.total_cost = cost.total_cost
-        self._reconcile(outcome, usage)
 
     def _reconcile(self, outcome: _Outcome, usage: Usage) -> None:
         """

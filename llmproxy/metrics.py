@@ -15,6 +15,8 @@ scopes are reported by kind (C{key}, never the key id).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -92,6 +94,7 @@ class Metrics:
         self.registry = registry
         self._max_models = max_models_per_provider
         self._models: dict[str, set[str]] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
 
         self.requests = Counter(
             "llmproxy_requests",
@@ -206,10 +209,11 @@ class Metrics:
         unreachable upstream) has no model to price and counts in neither.
         """
         label = self.model_label(provider, model)
-        self.requests.labels(provider, label, str(status)).inc()
-        self.request_duration.labels(provider).observe(duration_s)
+        child = self._child
+        child(self.requests, provider, label, str(status)).inc()
+        child(self.request_duration, provider).observe(duration_s)
         if ttfb_s is not None:
-            self.time_to_first_byte.labels(provider).observe(ttfb_s)
+            child(self.time_to_first_byte, provider).observe(ttfb_s)
         if usage.reported:
             counts = (
                 usage.input_tokens,
@@ -219,17 +223,30 @@ class Metrics:
                 usage.reasoning_tokens,
             )
             for kind, count in zip(TOKEN_TYPES, counts, strict=True):
-                self.tokens.labels(provider, label, kind).inc(max(count, 0))
+                child(self.tokens, provider, label, kind).inc(max(count, 0))
         if cost.total_cost is not None:
-            self.cost.labels(provider, label).inc(max(cost.total_cost, 0.0))
+            child(self.cost, provider, label).inc(max(cost.total_cost, 0.0))
         elif usage.reported:
-            self.unpriced.labels(provider, label).inc()
+            child(self.unpriced, provider, label).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """
+        C{metric.labels(*labels)}, remembered: C{labels()} takes a lock and
+        builds its key on every call, and a finished request reports to up
+        to nine series. Label values are bounded (see L{model_label}), so
+        the cache is too.
+        """
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def stream_opened(self, provider: str) -> None:
-        self.active_streams.labels(provider).inc()
+        self._child(self.active_streams, provider).inc()
 
     def stream_closed(self, provider: str) -> None:
-        self.active_streams.labels(provider).dec()
+        self._child(self.active_streams, provider).dec()
 
     def upstream_error(self, provider: str, kind: str) -> None:
         self.upstream_errors.labels(provider, kind).inc()
