@@ -17,8 +17,14 @@ from typing import Any, cast
 
 from attrs import define, field, frozen
 from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.web.client import (
     URI,
@@ -116,11 +122,24 @@ class CachedEndpoints:
         self._tls = BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
+    def _plain_endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
+        """
+        A TCP endpoint for C{host}. An address literal (a local model
+        server, a sidecar) is connected to directly: L{HostnameEndpoint}
+        would still ask C{getaddrinfo} in a thread for every new connection.
+        """
+        text = host.decode("ascii")
+        if isIPAddress(text):
+            return TCP4ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+        if isIPv6Address(text):
+            return TCP6ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+        return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            endpoint = self._plain_endpoint(uri.host, uri.port)
             if uri.scheme == b"https":
                 creator = self._tls.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(creator, endpoint)
