@@ -16,10 +16,11 @@ and reconciles the rate limit.
 from __future__ import annotations
 
 import uuid
+from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from attrs import define, frozen
+from attrs import define, evolve, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -146,7 +147,10 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
+        # Written once (the pool never replays a request), so the bytes are
+        # not kept for the rest of a possibly long response.
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -244,6 +248,36 @@ class ProxyCall:
     stops the upstream transport (during the body).
     """
 
+    __slots__ = (
+        "clock",
+        "decision",
+        "endpoint",
+        "gone",
+        "info",
+        "key_id",
+        "meter",
+        "name",
+        "pending",
+        "relay",
+        "request",
+        "request_id",
+        "route",
+        "runtime",
+        "settled",
+        "started",
+        "state",
+        "status",
+        "stream_counted",
+        "streaming",
+        "strip_usage",
+        "total_expired",
+        "total_timer",
+        "ttfb",
+        "upstream",
+        "user",
+    )
+    """Slots: a thousand concurrent streams hold a thousand of these."""
+
     def __init__(self, route: Route, request: Request) -> None:
         self.route = route
         self.state = route.state
@@ -259,6 +293,7 @@ class ProxyCall:
         self.relay: Relay | None = None
         self.pending: Deferred[IResponse] | None = None
         self.total_timer: IDelayedCall | None = None
+        self.total_expired = False
         self.ttfb: float | None = None
         self.meter: Meter | None = None
         self.info: RequestInfo | None = None
@@ -287,6 +322,9 @@ class ProxyCall:
             send_error(request, fmt, 400, "Path contains a dot-segment.", "proxy")
             return
         body = request.content.read() if request.content is not None else b""
+        # The body lives on in this call until it is sent, not in the
+        # request for as long as the response streams.
+        request.content = BytesIO()
         info = fmt.inspect_request(request.method, path, query, body)
         self.info = info
         self.streaming = info.streaming
@@ -388,6 +426,8 @@ class ProxyCall:
         assert info is not None
         body, strip = self.upstream.format.rewrite_request(info, body, provider.inject_stream_usage)
         self.strip_usage = strip
+        # The parsed body is not needed once the request is on its way.
+        self.info = evolve(info, body_json=None)
         url = provider.base_url.encode("utf-8") + path
         if query:
             url += b"?" + query
@@ -463,7 +503,15 @@ class ProxyCall:
             self.state.metrics.stream_opened(self.name)
             self.stream_counted = True
         self.status = response.code
-        self.relay = Relay(self, self.upstream.config.timeouts.idle_seconds, sse)
+        # From here the relay's one timer watches both the idle gap and the
+        # total budget.
+        deadline = None
+        if self.total_timer is not None:
+            if self.total_timer.active():
+                self.total_timer.cancel()
+            self.total_timer = None
+            deadline = self.started + self.upstream.config.timeouts.total_seconds
+        self.relay = Relay(self, self.upstream.config.timeouts.idle_seconds, sse, deadline)
         response.deliverBody(self.relay)
 
     def _upstream_failed(self, failure: Failure) -> None:
@@ -472,10 +520,12 @@ class ProxyCall:
             # Our own cancel after the client left; nothing to answer.
             self._settle(_Outcome(status=None))
             return
-        kind = _failure_kind(failure)
+        kind = "total_timeout" if self.total_expired else _failure_kind(failure)
         self.state.metrics.upstream_error(self.name, kind)
         base = self.upstream.config.base_url
-        if failure.check(UpstreamTimeoutError):
+        if self.total_expired:
+            status, message = 504, f"Upstream {self.name} exceeded the total time budget."
+        elif failure.check(UpstreamTimeoutError):
             status, message = 504, f"Upstream {self.name} sent no response headers in time."
         else:
             status = 502
@@ -491,12 +541,15 @@ class ProxyCall:
         self._settle(_Outcome(status=status, upstream_ok=False, unsent=status == 502))
 
     def _total_timeout(self) -> None:
+        """
+        The total budget ran out before the response headers came (after
+        that, the relay's timer keeps the budget).
+        """
         self.total_timer = None
         if self.pending is not None:
+            self.total_expired = True
             pending, self.pending = self.pending, None
-            pending.cancel()  # -> _upstream_failed with UpstreamTimeoutError
-        elif self.relay is not None:
-            self.relay.abort("total_timeout", "Upstream exceeded the total time budget.")
+            pending.cancel()  # -> _upstream_failed, which answers 504
 
     def _client_gone(self, failure: Failure) -> None:
         self.gone = True
@@ -670,10 +723,18 @@ class Relay(Protocol):
     buffer fills, twisted.web pauses us, which pauses the upstream socket.
     """
 
-    def __init__(self, call: ProxyCall, idle_seconds: float, sse: bool) -> None:
+    def __init__(
+        self, call: ProxyCall, idle_seconds: float, sse: bool, deadline: float | None = None
+    ) -> None:
+        """
+        @param idle_seconds: the longest silence allowed between chunks (0: none).
+        @param deadline: when the call's total time budget ends (clock
+            seconds), or L{None}.
+        """
         self.call = call
         self.request = call.request
         self.idle_seconds = idle_seconds
+        self.deadline = deadline
         self.sse = sse
         self.idle_timer: IDelayedCall | None = None
         self.aborted: tuple[str, str] | None = None
@@ -683,16 +744,34 @@ class Relay(Protocol):
         self._arm_idle()
 
     def _arm_idle(self) -> None:
-        if self.idle_seconds <= 0:
-            return
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.reset(self.idle_seconds)
+        """
+        (Re)arm the one timer for whichever comes first: the idle limit from
+        now, or the total deadline. One timer per stream, reset per chunk,
+        instead of two.
+        """
+        clock = self.call.clock
+        if self.idle_seconds > 0:
+            delay = self.idle_seconds
+            if self.deadline is not None:
+                delay = min(delay, self.deadline - clock.seconds())
+        elif self.deadline is not None:
+            if self.idle_timer is not None:
+                return  # already armed for the deadline, which never moves
+            delay = self.deadline - clock.seconds()
         else:
-            self.idle_timer = self.call.clock.callLater(self.idle_seconds, self._idle)
+            return
+        delay = max(delay, 0.0)
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.reset(delay)
+        else:
+            self.idle_timer = clock.callLater(delay, self._idle)
 
     def _idle(self) -> None:
         self.idle_timer = None
-        self.abort("idle_timeout", "Upstream stream was silent for too long.")
+        if self.deadline is not None and self.call.clock.seconds() >= self.deadline:
+            self.abort("total_timeout", "Upstream exceeded the total time budget.")
+        else:
+            self.abort("idle_timeout", "Upstream stream was silent for too long.")
 
     def dataReceived(self, data: bytes) -> None:
         call = self.call

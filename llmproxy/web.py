@@ -27,7 +27,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from llmproxy.forward import ForwardResource, Route
 from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.metrics import metrics_resource
-from llmproxy.runtime import ProxyState
+from llmproxy.runtime import ProxyState, Runtime
 
 log = Logger(namespace="llmproxy.access")
 
@@ -257,6 +257,8 @@ class Gateway:
 
     def __init__(self, state: ProxyState) -> None:
         self._state = state
+        self._resources: dict[str, ForwardResource] = {}
+        self._resources_for: Runtime | None = None
 
     @app.route("/health", strict_slashes=False)
     def health(self, request: IRequest) -> bytes:
@@ -324,9 +326,20 @@ class Gateway:
         upstream = runtime.upstreams.get(provider)
         if upstream is None:
             return self._not_found(request)
-        return ForwardResource(
-            Route(self._state, runtime, upstream, provider, mount_segments, user)
-        )
+        if user is not None:
+            return ForwardResource(
+                Route(self._state, runtime, upstream, provider, mount_segments, user)
+            )
+        # A provider's resource holds nothing per request: one per provider
+        # and runtime serves them all (a reload brings a new runtime).
+        if self._resources_for is not runtime:
+            self._resources = {}
+            self._resources_for = runtime
+        resource = self._resources.get(provider)
+        if resource is None:
+            route = Route(self._state, runtime, upstream, provider, mount_segments, None)
+            resource = self._resources[provider] = ForwardResource(route)
+        return resource
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

@@ -296,6 +296,44 @@ class ErrorTests(ProxyTestCase):
         self.assertIsInstance(error["message"], str)
 
 
+class TotalTimeoutTests(ProxyTestCase):
+    """
+    C{timeouts.total_seconds} bounds the whole call: before the headers
+    (504) and during a stream that keeps sending (an error event).
+    """
+
+    timeouts = Timeouts(connect_seconds=2, first_byte_seconds=5, idle_seconds=5, total_seconds=1)
+
+    @inlineCallbacks
+    def test_stream_cut_at_the_total_budget(self) -> Any:
+        headers = {**OPENAI_HEADERS, b"x-fake-chunks": b"50", b"x-fake-delay-ms": b"100"}
+        started = reactor.seconds()
+        client = yield raw_exchange(
+            self.proxy_port,
+            raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT_STREAM),
+        )
+        elapsed = reactor.seconds() - started
+        status, _, received = split_response(client.received)
+        self.assertEqual(status, 200)
+        self.assertIn(b"event: error", received)
+        self.assertIn(b"total time budget", received)
+        self.assertNotIn(b"[DONE]", received)
+        # Chunks kept coming every 100 ms, so only the total budget ended it.
+        self.assertGreater(received.count(b"chat.completion.chunk"), 3)
+        self.assertLess(elapsed, 3.0)
+
+    @inlineCallbacks
+    def test_headers_late_504(self) -> Any:
+        headers = {**OPENAI_HEADERS, b"x-fake-hang": b"headers"}
+        started = reactor.seconds()
+        client = yield raw_exchange(
+            self.proxy_port, raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT)
+        )
+        status, _, body = split_response(client.received)
+        self.assertEqual(status, 504, body)
+        self.assertLess(reactor.seconds() - started, 3.0)
+
+
 class HeaderTests(ProxyTestCase):
     @inlineCallbacks
     def test_request_headers(self) -> Any:
