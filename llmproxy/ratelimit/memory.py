@@ -32,11 +32,11 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
     Tracked,
+    TrackedCache,
     WindowUsage,
     deny,
     fits,
     tightest,
-    tracked,
 )
 
 log = Logger()
@@ -132,6 +132,7 @@ class MemoryRateLimiter:
 
     def __init__(self, config: RateLimitConfig, clock: IReactorTime) -> None:
         self._config = config
+        self._tracked = TrackedCache(config)
         self._clock = clock
         self._counters: dict[str, dict[str, _Counter]] = {name: {} for name in WINDOWS}
 
@@ -141,6 +142,7 @@ class MemoryRateLimiter:
         configuration reload must not hand everyone a fresh window).
         """
         self._config = config
+        self._tracked = TrackedCache(config)
 
     def __len__(self) -> int:
         """
@@ -168,16 +170,17 @@ class MemoryRateLimiter:
         optimistic = self._config.estimation.optimistic_first_request
         found: list[tuple[Tracked, _Counter, int, bool]] = []
         admit = True
-        for item in tracked(self._config, request):
+        counters = self._counters
+        for item in self._tracked(request):
             window = item.window
             slot = window.slot(now)
-            counter = self._counters[window.name].get(item.scope)
+            counter = counters[window.name].get(item.scope)
             new = counter is None
             if counter is None:
                 counter = _Counter()
             else:
                 slot = counter.current(slot, window.slots)
-            if not (
+            if admit and not (
                 fits(item.requests, counter.requests, 1)
                 and fits(item.tokens, counter.tokens, cost, optimistic=optimistic)
             ):
@@ -268,6 +271,9 @@ class MemoryRateLimiter:
         """
         now = self._clock.seconds()
         removed = 0
+        # The remembered scope lists go too (a fresh dict, for the same
+        # reason); the active ones are rebuilt on their next request.
+        self._tracked = TrackedCache(self._config)
         for name, table in list(self._counters.items()):
             window = WINDOWS[name]
             slot = window.slot(now)

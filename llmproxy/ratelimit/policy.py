@@ -287,6 +287,31 @@ def tracked(config: RateLimitConfig, request: LimitRequest) -> list[Tracked]:
     return found
 
 
+class TrackedCache:
+    """
+    L{tracked}, remembered per (provider, model, key, user) for one
+    configuration: building the scope strings and L{Tracked} values was a
+    third of a reservation's cost, and their answer only changes with the
+    configuration (a reload makes a new cache). Bounded: when
+    L{MAX_ENTRIES} combinations are held it starts over.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        self.config = config
+        self._found: dict[tuple[str, str | None, str | None, str | None], list[Tracked]] = {}
+
+    def __call__(self, request: LimitRequest) -> list[Tracked]:
+        key = (request.provider, request.model, request.key_id, request.user)
+        found = self._found.get(key)
+        if found is None:
+            if len(self._found) >= self.MAX_ENTRIES:
+                self._found.clear()
+            found = self._found[key] = tracked(self.config, request)
+        return found
+
+
 def fits(limit: int, used: int, cost: int, *, optimistic: bool = False) -> bool:
     """
     Whether C{cost} more fits under C{limit} (0: unlimited) on top of

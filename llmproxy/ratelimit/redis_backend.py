@@ -64,10 +64,10 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
     Tracked,
+    TrackedCache,
     WindowUsage,
     deny,
     tightest,
-    tracked,
 )
 
 log = Logger()
@@ -308,6 +308,7 @@ class RedisRateLimiter(Service):
         poolsize: int = 4,
     ) -> None:
         self._config = config
+        self._tracked = TrackedCache(config)
         self._clock = clock
         self._reactor = reactor
         self._metrics_hook = metrics_hook
@@ -326,6 +327,7 @@ class RedisRateLimiter(Service):
         if config.redis.url != self._config.redis.url:
             log.warn("rate-limit Redis URL changed; restart llmproxy to use the new one")
         self._config = config
+        self._tracked = TrackedCache(config)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -437,7 +439,7 @@ class RedisRateLimiter(Service):
         now = self._clock.seconds()
         cost = max(0, request.estimated_tokens)
         optimistic = config.estimation.optimistic_first_request
-        items = tracked(config, request)
+        items = self._tracked(request)
         entries = tuple((item.window.name, item.scope) for item in items)
         if not items:
             reservation = Reservation(at=now, tokens=cost, entries=())

@@ -36,7 +36,7 @@ from llmproxy.ratelimit import (
     services_for,
     sweeper_service,
 )
-from llmproxy.ratelimit.policy import DAY, MINUTE, tightest
+from llmproxy.ratelimit.policy import DAY, MINUTE, TrackedCache, tightest, tracked
 
 T0 = 1_699_920_000.0
 """A UTC midnight, so minute, hour and day boundaries fall on round offsets."""
@@ -758,3 +758,38 @@ class LimiterForTests(SynchronousTestCase):
         self.assertIsInstance(reconfigure_limiter(None, off, on, clock), MemoryRateLimiter)
         redis = evolve(on, backend="redis")
         self.assertIsInstance(reconfigure_limiter(limiter, on, redis, clock), RedisRateLimiter)
+
+
+class TrackedCacheTests(SynchronousTestCase):
+    """
+    The remembered scope lists answer exactly as L{tracked} and stay bounded.
+    """
+
+    def test_same_answer_as_tracked(self) -> None:
+        settings = config(
+            Limits(requests_per_minute=5, tokens_per_day=100),
+            overrides=RateLimitOverrides(per_model={"m": Limits(tokens_per_minute=7)}),
+        )
+        cache = TrackedCache(settings)
+        for asked in (
+            request(model="m", key_id="k", user="u"),
+            request(model="other"),
+            request(provider="anthropic", model="m"),
+        ):
+            self.assertEqual(cache(asked), tracked(settings, asked))
+            self.assertIs(cache(asked), cache(asked))
+
+    def test_bounded(self) -> None:
+        cache = TrackedCache(config(Limits(requests_per_minute=5)))
+        for n in range(TrackedCache.MAX_ENTRIES + 10):
+            cache(request(user=f"user-{n}"))
+        self.assertLessEqual(len(cache._found), TrackedCache.MAX_ENTRIES)
+
+    def test_reconfigure_uses_new_limits(self) -> None:
+        clock = Clock()
+        clock.advance(T0)
+        limiter = MemoryRateLimiter(config(Limits(requests_per_minute=1)), clock)
+        self.assertTrue(limiter.reserve_now(request()).allowed)
+        self.assertFalse(limiter.reserve_now(request()).allowed)
+        limiter.reconfigure(config(Limits(requests_per_minute=10)))
+        self.assertTrue(limiter.reserve_now(request()).allowed)
