@@ -59,6 +59,7 @@ from bench.stats import (
     budget_table,
     features_table,
     median,
+    naive_table,
     percentile,
     ratio,
     rows_table,
@@ -144,6 +145,8 @@ class Proxy:
     port: int
     process: subprocess.Popen[bytes]
     broken: str | None = None
+    static_prefix: str = "/openai"
+    stream_prefix: str = "/stream"
 
 
 @define
@@ -166,6 +169,7 @@ class Harness:
     body_file: Path | None = None
     profile: Path | None = None
     interference: list[float] = field(factory=list)
+    naive: dict[str, Proxy] = field(factory=dict)
 
     # ----------------------------------------------------------------- upstreams
 
@@ -290,6 +294,32 @@ class Harness:
                 )
                 _say(f"bench: proxy '{proxy.name}' cannot be measured: {proxy.broken}")
             self.proxies[proxy.name] = proxy
+
+    def start_naive(self) -> None:
+        """
+        The reference proxies (L{bench.naive_proxy}), one per upstream, on
+        the proxy's core: the naive treq proxy issue 9 compares against.
+        """
+        for name, upstream in (("static", self.static_port), ("stream", self.stream_port)):
+            port = free_port()
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.naive_proxy",
+                "--port",
+                str(port),
+                "--upstream",
+                f"http://127.0.0.1:{upstream}",
+            ]
+            process = self.procs.start(
+                f"naive-{name}", self.pin.wrap(self.pin.proxy, argv), cwd=REPO
+            )
+            try:
+                wait_for_port(port, time.monotonic() + 30, process)
+            except BenchError as error:
+                self.notes.append(f"the naive reference proxy did not start: {error}")
+                return
+            self.naive[name] = Proxy(f"naive-{name}", port, process, None, "", "")
 
     def proxy_argv(self, port: int, overlays: Sequence[str]) -> list[str]:
         """
@@ -420,13 +450,13 @@ class Harness:
     def static_url(self, proxy: Proxy | None) -> str:
         if proxy is None:
             return f"http://127.0.0.1:{self.static_port}/v1/chat/completions"
-        return f"http://127.0.0.1:{proxy.port}/openai/v1/chat/completions"
+        return f"http://127.0.0.1:{proxy.port}{proxy.static_prefix}/v1/chat/completions"
 
     def stream_url(self, proxy: Proxy | None, chunks: int, delay_ms: float) -> str:
         query = f"?chunks={chunks}&delay_ms={delay_ms:g}"
         if proxy is None:
             return f"http://127.0.0.1:{self.stream_port}/v1/chat/completions{query}"
-        return f"http://127.0.0.1:{proxy.port}/stream/v1/chat/completions{query}"
+        return f"http://127.0.0.1:{proxy.port}{proxy.stream_prefix}/v1/chat/completions{query}"
 
     def echo_url(self, proxy: Proxy | None) -> str:
         if proxy is None:
@@ -518,6 +548,9 @@ def part_a(h: Harness, rows: list[Row]) -> dict[str, Row]:
     p99 = Row("a", "p99 latency, concurrency 1", "ms", digits=3, difference=True)
     cpu = Row("a", "proxy CPU time per request, concurrency 16", "µs", digits=0)
     targets: list[Proxy | None] = [None] if proxy is None else [None, proxy]
+    naive = h.naive.get("static")
+    if naive is not None:
+        targets.append(naive)
     for target in targets:
         h.wrk(target, 16, s.warmup_seconds)
     for rep in range(s.reps):
@@ -526,13 +559,13 @@ def part_a(h: Harness, rows: list[Row]) -> dict[str, Row]:
                 summary = h.wrk(target, connections, s.wrk_seconds)
                 if summary is None:
                     continue
-                side = "direct" if target is None else "proxy"
+                side = _side(target)
                 getattr(rps[connections], side).append(summary["rps"])
                 if connections == 1:
                     getattr(p50, side).append(summary["p50_us"] / 1000.0)
                     getattr(p99, side).append(summary["p99_us"] / 1000.0)
                 if connections == 16 and target is not None:
-                    cpu.proxy.append(summary["cpu_us"])
+                    getattr(cpu, side).append(summary["cpu_us"])
     new = {
         "rps1": rps[1],
         "rps16": rps[16],
@@ -543,6 +576,15 @@ def part_a(h: Harness, rows: list[Row]) -> dict[str, Row]:
     }
     rows.extend(new.values())
     return new
+
+
+def _side(target: Proxy | None) -> str:
+    """
+    Which column of a L{Row} a sample of C{target} goes to.
+    """
+    if target is None:
+        return "direct"
+    return "naive" if target.name.startswith("naive-") else "proxy"
 
 
 def _stream_stats(records: list[dict[str, Any]], chunks: int) -> dict[str, float]:
@@ -597,10 +639,13 @@ def part_b(h: Harness, rows: list[Row]) -> dict[str, Row]:
         "ok100": Row("b", "streams complete, c100", "%"),
     }
     targets: list[Proxy | None] = [None] if proxy is None else [None, proxy]
+    naive = h.naive.get("stream")
+    if naive is not None:
+        targets.append(naive)
     stream_timeout = nominal / 1000.0 + 30
     for rep in range(s.reps):
         for target in targets if rep % 2 == 0 else list(reversed(targets)):
-            side = "direct" if target is None else "proxy"
+            side = _side(target)
             url = h.stream_url(target, s.b_chunks, s.b_delay_ms)
             records = h.client(
                 ["stream", "--url", url, "--per-connection", str(s.b_c1_streams)],
@@ -610,6 +655,8 @@ def part_b(h: Harness, rows: list[Row]) -> dict[str, Row]:
                 one = _stream_stats(records, s.b_chunks)
                 getattr(new["ttfe1"], side).append(one["ttfe_p50"])
                 getattr(new["total1"], side).append(one["total_p50"])
+            if side == "naive":
+                continue  # the reference is measured at concurrency 1 only
             records = h.client(
                 [
                     "stream",
@@ -959,6 +1006,16 @@ def render(
     lines.append("")
     if rows:
         lines += [*rows_table(rows), ""]
+    reference = naive_table(rows)
+    if reference:
+        lines += [
+            "Reference: the same measurements through a naive streaming proxy on Twisted and "
+            "treq (`bench/naive_proxy.py`: no routing table, metering, records, access log or "
+            "timeouts), the yardstick issue 9 names:",
+            "",
+            *reference,
+            "",
+        ]
     if features is not None:
         lines += ["Part (e), the price of each feature:", ""]
         lines += [*features_table(*features), ""]
@@ -1053,6 +1110,8 @@ def main(argv: Sequence[str]) -> int:
             h.start_redis()
         if {"a", "b", "d", "e"} & set(parts):
             h.start_proxies([("base", ())])
+        if {"a", "b"} & set(parts):
+            h.start_naive()
         for part, run in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d)):
             if part in parts:
                 _say(f"bench: part ({part}) ...")

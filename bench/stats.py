@@ -67,6 +67,7 @@ class Row:
     One measured quantity, DIRECT against PROXY, one sample per repetition.
 
     @ivar difference: show PROXY - DIRECT (for latencies: the overhead).
+    @ivar naive: the same through the naive reference proxy, where measured.
     """
 
     part: str
@@ -76,6 +77,7 @@ class Row:
     proxy: list[float] = field(factory=list)
     digits: int = 1
     difference: bool = False
+    naive: list[float] = field(factory=list)
 
     def overhead(self) -> float:
         """
@@ -127,6 +129,34 @@ def rows_table(rows: Sequence[Row]) -> list[str]:
             f"| {row.part} | {row.metric} ({row.unit}) | {spread(row.direct, row.digits)} | "
             f"{spread(row.proxy, row.digits)} | "
             f"{'n/a' if math.isnan(share) else f'{share:.2f}x'} | {difference} |"
+        )
+    return lines
+
+
+def naive_table(rows: Sequence[Row]) -> list[str]:
+    """
+    The rows measured through the naive reference proxy too, as Markdown
+    lines: DIRECT, naive, llmproxy, and llmproxy against naive (a ratio
+    for throughput and CPU, the difference of the overheads for latency).
+    Empty when no row has naive samples.
+    """
+    measured = [row for row in rows if row.naive]
+    if not measured:
+        return []
+    lines = [
+        "| part | metric | DIRECT | naive treq proxy | llmproxy | llmproxy vs naive |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in measured:
+        if row.difference:
+            gap = median(row.proxy) - median(row.naive)
+            versus = "n/a" if math.isnan(gap) else f"{gap:+,.{row.digits}f} {row.unit}"
+        else:
+            share = ratio(row.proxy, row.naive)
+            versus = "n/a" if math.isnan(share) else f"{share:.2f}x"
+        lines.append(
+            f"| {row.part} | {row.metric} ({row.unit}) | {spread(row.direct, row.digits)} | "
+            f"{spread(row.naive, row.digits)} | {spread(row.proxy, row.digits)} | {versus} |"
         )
     return lines
 
