@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from llmproxy import buildinfo
+from llmproxy.allocator import tune_allocator
 from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.health import HealthBoard
 from llmproxy.logs import LevelHolder, LineBuffer, make_observer
@@ -101,6 +102,8 @@ def _check_description(description: str) -> str | None:
 def makeService(options: Mapping[str, Any]) -> IService:
     from twisted.internet import reactor
 
+    # Large bodies reuse heap memory instead of faulting in fresh mappings.
+    tune_allocator()
     service = build_service(reactor, options["settings"], options["config"], options["listen"])
     # Everything built so far lives as long as the process: keep the
     # collector from walking it again on every full collection.
