@@ -297,9 +297,17 @@ class CostRecord:
 
     def to_json(self) -> bytes:
         """
-        The record as one JSON object, without a trailing newline.
+        The record as one JSON object, without a trailing newline, keys in
+        field order.
         """
-        return orjson.dumps(attrs.asdict(self, recurse=False))
+        return orjson.dumps({name: getattr(self, name) for name in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = tuple(field.name for field in attrs.fields(CostRecord))
+
+
+_second_text: tuple[int, str] = (-1, "")
+"""The last whole second formatted by L{rfc3339}: records come many to a second."""
 
 
 def rfc3339(now: float) -> str:
@@ -307,8 +315,13 @@ def rfc3339(now: float) -> str:
     C{now} (POSIX seconds) as RFC 3339 in UTC with millisecond precision,
     e.g. C{2025-01-02T03:04:05.678Z}.
     """
+    global _second_text
     seconds, millis = divmod(int(now * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cached, text = _second_text
+    if cached != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_text = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 def make_record(

@@ -622,3 +622,16 @@ class CostRecordTests(SynchronousTestCase):
         self.assertEqual(rfc3339(NOW), "2025-01-02T03:04:05.678Z")
         self.assertEqual(rfc3339(1735787045.9999), "2025-01-02T03:04:05.999Z")
         self.assertEqual(rfc3339(1735787045.0), "2025-01-02T03:04:05.000Z")
+
+    def test_timestamp_across_seconds(self) -> None:
+        """
+        The remembered second never leaks into another one, forwards or back.
+        """
+        for now, text in [
+            (1735787045.5, "2025-01-02T03:04:05.500Z"),
+            (1735787046.25, "2025-01-02T03:04:06.250Z"),
+            (1735787045.75, "2025-01-02T03:04:05.750Z"),
+            (1735787045.75, "2025-01-02T03:04:05.750Z"),
+            (1735873445.0, "2025-01-03T03:04:05.000Z"),
+        ]:
+            self.assertEqual(rfc3339(now), text)
