@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from llmproxy import identity
 from llmproxy.httperrors import send_error
-from llmproxy.metering import Cost, CostRecord, make_record
+from llmproxy.metering import make_record
 from llmproxy.providers.base import Meter, RequestInfo
 from llmproxy.ratelimit import BackendUnavailable, Decision, LimitRequest, estimate_tokens
 from llmproxy.runtime import ProxyState, Runtime, Upstream
@@ -597,8 +597,24 @@ class ProxyCall:
         ttfb = None if self.ttfb is None else self.ttfb - self.started
         state.metrics.request_finished(self.name, model, status, duration, ttfb, usage, cost)
         ttfb_ms = None if ttfb is None else round(ttfb * 1000.0, 3)
-        if not isinstance(state.sink, NullCostSink):
-            state.sink.write(self._record(now, model, status, outcome, usage, cost, duration))
+        if not isinstance(state.sink, NullCostSink):  # no record without cost tracking
+            record = make_record(
+                now=now,
+                request_id=self.request_id,
+                provider=self.name,
+                model=model,
+                endpoint=self.endpoint,
+                user_id=self.user,
+                key_id=self.key_id,
+                is_streaming=self.streaming,
+                status=status,
+                complete=outcome.complete,
+                usage=usage,
+                cost=cost,
+                duration_ms=duration * 1000.0,
+                ttfb_ms=None if ttfb is None else ttfb * 1000.0,
+            )
+            state.sink.write(record)
         access = getattr(self.request, "access", None)
         if access is not None:
             access.model = model
@@ -608,37 +624,6 @@ class ProxyCall:
             access.output_tokens = usage.output_tokens
             access.total_cost = cost.total_cost
         self._reconcile(outcome, usage)
-
-    def _record(
-        self,
-        now: float,
-        model: str | None,
-        status: int,
-        outcome: _Outcome,
-        usage: Usage,
-        cost: Cost,
-        duration: float,
-    ) -> CostRecord:
-        """
-        The cost record of this call (built only when cost tracking is on).
-        """
-        ttfb = None if self.ttfb is None else self.ttfb - self.started
-        return make_record(
-            now=now,
-            request_id=self.request_id,
-            provider=self.name,
-            model=model,
-            endpoint=self.endpoint,
-            user_id=self.user,
-            key_id=self.key_id,
-            is_streaming=self.streaming,
-            status=status,
-            complete=outcome.complete,
-            usage=usage,
-            cost=cost,
-            duration_ms=duration * 1000.0,
-            ttfb_ms=None if ttfb is None else ttfb * 1000.0,
-        )
 
     def _reconcile(self, outcome: _Outcome, usage: Usage) -> None:
         """
