@@ -194,3 +194,10 @@ class LogTests(TestCase):
         for line in access:
             for field in ("request_id", "provider", "model", "streaming", "duration_ms", "bytes"):
                 self.assertIn(field, line)
+            # The message reads "<method> <path> <status> <duration>ms" and
+            # agrees with the fields beside it.
+            self.assertEqual(
+                line["message"],
+                f"{line['method']} {line['endpoint']} {line['status']} {line['duration_ms']:.1f}ms",
+            )
+            self.assertTrue(line["endpoint"].startswith("/"), line)
