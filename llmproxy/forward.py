@@ -735,17 +735,14 @@ class Relay(Protocol):
         instead of two.
         """
         clock = self.call.clock
+        now = clock.seconds()
+        end = self.deadline
         if self.idle_seconds > 0:
-            delay = self.idle_seconds
-            if self.deadline is not None:
-                delay = min(delay, self.deadline - clock.seconds())
-        elif self.deadline is not None:
-            if self.idle_timer is not None:
-                return  # already armed for the deadline, which never moves
-            delay = self.deadline - clock.seconds()
-        else:
+            idle_end = now + self.idle_seconds
+            end = idle_end if end is None else min(end, idle_end)
+        if end is None:
             return
-        delay = max(delay, 0.0)
+        delay = max(end - now, 0.0)
         if self.idle_timer is not None and self.idle_timer.active():
             self.idle_timer.reset(delay)
         else:

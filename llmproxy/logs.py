@@ -10,6 +10,7 @@ request, an upstream error body) still never reaches the output.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import IO, Any
 
@@ -147,25 +148,18 @@ def _urgent(event: dict[str, Any]) -> bool:
     return level is not None and level >= LogLevel.warn
 
 
-class _SecondCache:
+@functools.lru_cache(maxsize=2)
+def _second_text(second: int) -> str:
     """
-    C{formatTime} for log lines, reused within one second: the timestamp has
-    second resolution, and building it (time zone, datetime, strftime) was a
-    visible share of each access line's cost.
+    Twisted's timestamp for one whole second, remembered: log lines have
+    second resolution, and building it (time zone, datetime, strftime) was
+    a visible share of each access line's cost.
     """
+    return formatTime(second)
 
-    def __init__(self) -> None:
-        self._second: int | None = None
-        self._text = "-"
 
-    def __call__(self, when: float | None) -> str:
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self._second:
-            self._text = formatTime(second)
-            self._second = second
-        return self._text
+def _line_time(when: float | None) -> str:
+    return "-" if when is None else _second_text(int(when))
 
 
 @implementer(ILogObserver)
@@ -176,10 +170,9 @@ class TextObserver:
 
     def __init__(self, stream: IO[str] | LineBuffer) -> None:
         self._out = stream if isinstance(stream, LineBuffer) else LineBuffer(stream)
-        self._time = _SecondCache()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        text = formatEventAsClassicLogText(event, formatTime=self._time)
+        text = formatEventAsClassicLogText(event, formatTime=_line_time)
         if text is None:
             return
         self._out.add(redact(text), _urgent(event))

@@ -13,6 +13,7 @@ never priced like a model whose name merely looks similar.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -306,8 +307,13 @@ class CostRecord:
 _RECORD_FIELDS = tuple(field.name for field in attrs.fields(CostRecord))
 
 
-_second_text: tuple[int, str] = (-1, "")
-"""The last whole second formatted by L{rfc3339}: records come many to a second."""
+@functools.lru_cache(maxsize=2)
+def _utc_second(seconds: int) -> str:
+    """
+    One whole second as C{YYYY-MM-DDTHH:MM:SS}, remembered: records come
+    many to a second, and C{strftime} was most of a timestamp's cost.
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def rfc3339(now: float) -> str:
@@ -315,13 +321,8 @@ def rfc3339(now: float) -> str:
     C{now} (POSIX seconds) as RFC 3339 in UTC with millisecond precision,
     e.g. C{2025-01-02T03:04:05.678Z}.
     """
-    global _second_text
     seconds, millis = divmod(int(now * 1000), 1000)
-    cached, text = _second_text
-    if cached != seconds:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _second_text = (seconds, text)
-    return f"{text}.{millis:03d}Z"
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
 
 
 def make_record(
