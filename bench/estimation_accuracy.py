@@ -5,7 +5,7 @@ counts: the table under "Estimation accuracy" in the README.
 For each sample prompt (short chat, long chat, system prompt + tools,
 multi-turn, code, Japanese), in each provider's own wire format, the
 estimate is what the proxy computes before forwarding: the provider module's
-C{prompt_text_chars} and L{llmproxy.ratelimit.estimate_tokens} with the
+C{inspect} (its C{prompt_chars}) and L{llmproxy.ratelimit.estimate_tokens} with the
 default settings (4 characters per token).
 
 The reference is OpenAI's C{o200k_base} encoding (the tokenizer of gpt-4o,
@@ -290,8 +290,7 @@ def estimate(provider: str, path: bytes, body: bytes) -> tuple[int, int]:
     The proxy's (characters counted, token estimate) for one request body.
     """
     wire = format_for(provider)
-    info = wire.inspect_request(b"POST", path, b"", body)
-    chars = wire.prompt_text_chars(info)
+    chars = wire.inspect(b"POST", path, b"", body).facts.prompt_chars
     assert chars is not None
     tokens = estimate_tokens(
         text_chars=chars, body_bytes=len(body), provider=provider, estimation=Estimation()

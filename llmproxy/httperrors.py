@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from twisted.web.iweb import IRequest
 
-from llmproxy.providers import format_for
-from llmproxy.providers.base import ProviderFormat
+from llmproxy.providers import ProviderFormat, format_for
 
 ERROR_SOURCE_HEADER = b"X-LLM-Proxy-Error-Source"
 

@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from llmproxy.metering import Cost
+from llmproxy.pricing import Cost
 from llmproxy.usage import Usage
 
 DURATION_BUCKETS = (

@@ -11,84 +11,21 @@ What a request needs while it runs, split by lifetime:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, cast
+from collections.abc import Mapping
 
 from attrs import define, field, frozen
-from treq.client import HTTPClient
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-)
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
-from zope.interface import implementer
+from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.buildinfo import BuildInfo
-from llmproxy.config import Config, ProviderConfig
+from llmproxy.config import Config
 from llmproxy.health import HealthBoard
-from llmproxy.metering import PriceBook, UnpricedWarnings
 from llmproxy.metrics import Metrics
-from llmproxy.providers import format_for
-from llmproxy.providers.base import ProviderFormat
+from llmproxy.pricing import PriceBook, UnpricedWarnings
 from llmproxy.ratelimit import IRateLimiter
+from llmproxy.routes import RouteTable
 from llmproxy.sinks import ICostSink
-
-POOL_IDLE_PER_HOST = 64
-"""
-Idle keep-alive connections kept per upstream host. It is not a cap on
-concurrency (extra requests open extra connections); it is how many warm
-connections survive a burst, so a busy provider does not pay a TLS handshake
-per request.
-"""
-
-POOL_IDLE_SECONDS = 50
-"""Idle connections are closed after this long: below the 60-120 s keep-alive
-timeouts of the providers' front ends, so we never write into a connection the
-server is closing."""
-
-
-def make_pool(reactor: object) -> HTTPConnectionPool:
-    """
-    The one connection pool every upstream client shares; the pool keys idle
-    connections by (scheme, host, port), so sharing it costs nothing.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = POOL_IDLE_PER_HOST
-    pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
-    pool.retryAutomatically = False
-    return pool
-
-
-def no_cookies() -> CookieJar:
-    """
-    A cookie jar that stores nothing: a shared jar would replay one user's
-    upstream cookies on another user's request.
-    """
-    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-
-
-@frozen
-class Upstream:
-    """
-    One mounted provider: its configuration, its wire format and the agent
-    that reaches it.
-    """
-
-    config: ProviderConfig
-    format: ProviderFormat
-    client: HTTPClient
+from llmproxy.upstream import AgentFactory, Upstream, build_upstream
 
 
 @frozen
@@ -99,66 +36,9 @@ class Runtime:
 
     config: Config
     upstreams: Mapping[str, Upstream]
+    routes: RouteTable
     prices: PriceBook
     limiter: IRateLimiter | None
-
-
-AgentFactory = Callable[[ProviderConfig], IAgent]
-
-
-@implementer(IAgentEndpointFactory)
-class CachedEndpoints:
-    """
-    Endpoints by (scheme, host, port), built once.
-
-    The standard factory builds a new endpoint, IDNA-encoding the host, for
-    every request; an upstream is one host, so that work is done once here.
-    The pool still decides whether a request reuses a connection.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls = BrowserLikePolicyForHTTPS()
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def _plain_endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
-        """
-        A TCP endpoint for C{host}. An address literal (a local model
-        server, a sidecar) is connected to directly: L{HostnameEndpoint}
-        would still ask C{getaddrinfo} in a thread for every new connection.
-        """
-        text = host.decode("ascii")
-        if isIPAddress(text):
-            return TCP4ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
-        if isIPv6Address(text):
-            return TCP6ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
-        return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._plain_endpoint(uri.host, uri.port)
-            if uri.scheme == b"https":
-                creator = self._tls.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
-def pooled_agents(reactor: object, pool: HTTPConnectionPool) -> AgentFactory:
-    """
-    Build one L{Agent} per provider over the shared pool, so each provider
-    has its own connect timeout.
-    """
-
-    def make(provider: ProviderConfig) -> IAgent:
-        endpoints = CachedEndpoints(reactor, provider.timeouts.connect_seconds)
-        agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        return agent
-
-    return make
 
 
 def build_runtime(config: Config, agent_for: AgentFactory, limiter: IRateLimiter | None) -> Runtime:
@@ -166,17 +46,14 @@ def build_runtime(config: Config, agent_for: AgentFactory, limiter: IRateLimiter
     Derive a L{Runtime} from C{config}. Disabled providers are not mounted.
     """
     upstreams = {
-        name: Upstream(
-            config=provider,
-            format=format_for(provider.kind),
-            client=HTTPClient(agent_for(provider), cookiejar=cast(Any, no_cookies())),
-        )
+        name: build_upstream(provider, agent_for)
         for name, provider in config.providers.items()
         if provider.enabled
     }
     return Runtime(
         config=config,
         upstreams=upstreams,
+        routes=RouteTable(upstreams),
         prices=PriceBook.from_config(config),
         limiter=limiter,
     )
@@ -203,6 +80,28 @@ class ProxyState:
     draining: bool = False
     inflight: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+
+    def stream_opened(self, provider: str) -> None:
+        """
+        A streamed response began to flow to a client.
+        """
+        self.health.provider(provider).active_streams += 1
+        self.metrics.stream_opened(provider)
+
+    def stream_closed(self, provider: str) -> None:
+        self.health.provider(provider).active_streams -= 1
+        self.metrics.stream_closed(provider)
+
+    def upstream_attempted(self, provider: str, ok: bool, failure: str | None) -> None:
+        """
+        One upstream attempt ended: C{ok} is C{False} for a connection
+        error, a timeout, a broken stream or a 5xx; C{failure} names what
+        went wrong on the connection (C{connect}, C{first_byte_timeout},
+        C{idle_timeout}, ...), L{None} when the upstream answered.
+        """
+        self.health.attempt(provider, ok=ok)
+        if failure is not None:
+            self.metrics.upstream_error(provider, failure)
 
     def request_started(self) -> None:
         self.inflight += 1

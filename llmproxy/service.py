@@ -34,8 +34,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from llmproxy.config import Config
 from llmproxy.runtime import ProxyState, Runtime
+from llmproxy.site import ProxySite
 from llmproxy.systemd import Notifier, monotonic_usec
-from llmproxy.web import ProxySite
 
 log = Logger(namespace="llmproxy.service")
 

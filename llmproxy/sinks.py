@@ -25,11 +25,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from llmproxy.config import CostTrackingConfig
-from llmproxy.metering import CostRecord
 from llmproxy.metrics import Metrics
+from llmproxy.records import CostRecord
 
 log = Logger()
 
@@ -48,6 +48,11 @@ class ICostSink(Interface):
     Receives one cost record per forwarded request.
     """
 
+    wants_records = Attribute(
+        "Whether records given to this sink go anywhere: when not, nobody "
+        "builds them (a record costs about as much as the rest of accounting)."
+    )
+
     def write(record: CostRecord) -> None:  # noqa: N805 (zope interface method)
         """
         Accept C{record}. Never blocks, never raises.
@@ -59,6 +64,8 @@ class NullCostSink:
     """
     The sink when cost tracking is off: records are dropped on purpose.
     """
+
+    wants_records = False
 
     def write(self, record: CostRecord) -> None:
         pass
@@ -147,6 +154,8 @@ class FileCostSink(Service):
         left; twistd's shutdown waits for its Deferred. A record written
         after that is appended synchronously, as a last resort.
     """
+
+    wants_records = True
 
     def __init__(
         self,
@@ -404,6 +413,8 @@ class FanOutCostSink:
     """
     Gives every record to several sinks.
     """
+
+    wants_records = True
 
     def __init__(self, sinks: Sequence[ICostSink]) -> None:
         self._sinks = tuple(sinks)

@@ -26,10 +26,11 @@ from llmproxy.health import HealthBoard
 from llmproxy.logs import LevelHolder, LineBuffer, make_observer
 from llmproxy.metrics import Metrics
 from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter
-from llmproxy.runtime import ProxyState, Runtime, build_runtime, make_pool, pooled_agents
+from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.sinks import ICostSink, cost_sink_for
-from llmproxy.web import make_site
+from llmproxy.upstream import make_pool, pooled_agents
+from llmproxy.web import gateway_site
 
 log = Logger(namespace="llmproxy.tap")
 
@@ -139,7 +140,7 @@ def build_service(
         build=buildinfo.load(),
         started_at=reactor.seconds(),
     )
-    site = make_site(state)
+    site = gateway_site(state)
     limiter_children = _limiter_services(limiter, config, reactor)
 
     def reload() -> Deferred[Runtime]:

@@ -1,7 +1,12 @@
-# -*- test-case-name: llmproxy.test.test_providers_base -*-
+# -*- test-case-name: llmproxy.test.test_providers_format -*-
 """
 One module per provider wire format; L{format_for} picks one by config
 C{kind}.
+
+The shared machinery: L{llmproxy.providers.format} (what a format offers
+the request path), L{llmproxy.providers.meters} (reading usage from a
+response body), L{llmproxy.providers.keyscan}, L{llmproxy.providers.prompt}
+and L{llmproxy.providers.wire} (bounded helpers for untrusted bytes).
 """
 
 from __future__ import annotations
@@ -9,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from llmproxy.providers.anthropic import AnthropicFormat
-from llmproxy.providers.base import Meter, ProviderFormat, RequestInfo
+from llmproxy.providers.format import Inspection, ProviderFormat, RequestFacts
 from llmproxy.providers.gemini import GeminiFormat
+from llmproxy.providers.meters import Meter
 from llmproxy.providers.openai import OpenAIFormat
 
-__all__ = ["Meter", "ProviderFormat", "RequestInfo", "format_for"]
+__all__ = ["Inspection", "Meter", "ProviderFormat", "RequestFacts", "format_for"]
 
 _FORMATS: Mapping[str, ProviderFormat] = {
     format.kind: format for format in (OpenAIFormat(), AnthropicFormat(), GeminiFormat())

@@ -22,38 +22,20 @@ from collections.abc import Mapping
 
 import orjson
 
-from llmproxy.providers.base import (
-    GENERATION_METHODS,
-    Extractor,
-    JSONBodyMeter,
-    KeyScanner,
-    Meter,
-    NullMeter,
-    ProviderFormat,
-    RequestInfo,
-    SSEMeter,
-    Tally,
-    as_int,
-    as_str,
-    decode_path,
-    dig,
-    is_json_type,
-    loads,
-    media_type,
-    new_tally,
-    parse_json_body,
-    text_chars,
-)
+from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.keyscan import KeyScanner
+from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.openai import (
-    inspect_openai,
-    openai_meter,
+    COMPATIBLE_ENDPOINTS,
+    describe_openai,
+    openai_meter_for,
     openai_prompt_chars,
 )
+from llmproxy.providers.prompt import text_chars
+from llmproxy.providers.wire import as_int, as_str, dig, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("request-id",)
-
-OPENAI_COMPATIBLE = frozenset({"chat.completions", "completions", "embeddings"})
 
 _USAGE_FIELDS = (
     "input_tokens",
@@ -221,27 +203,42 @@ class AnthropicFormat(ProviderFormat):
     """
 
     kind = "anthropic"
+    id_headers = ID_HEADERS
+    unmetered_endpoints = frozenset({"count_tokens"})
 
-    def inspect_request(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
-        try:
-            return self._inspect(method, path, body)
-        except Exception:
-            return RequestInfo(None, False, None, "other", None)
-
-    def _inspect(self, method: bytes, path: bytes, body: bytes) -> RequestInfo:
-        verb = method.decode("ascii", "replace").upper()
-        segments = decode_path(path)
+    def describe(
+        self, method: str, segments: list[str], query: bytes, body: object | None
+    ) -> RequestFacts:
         if segments[-2:] == ["chat", "completions"]:
-            return inspect_openai(method, path, body)
-        endpoint = classify(verb, segments)
-        body_json = parse_json_body(body)
+            return describe_openai(method, segments, body)
         model = user = None
         streaming = False
-        if isinstance(body_json, dict):
-            model = as_str(body_json.get("model"))
-            user = as_str(dig(body_json, "metadata", "user_id"))
-            streaming = body_json.get("stream") is True
-        return RequestInfo(model, streaming, user, endpoint, body_json, verb)
+        if isinstance(body, dict):
+            model = as_str(body.get("model"))
+            user = as_str(dig(body, "metadata", "user_id"))
+            streaming = body.get("stream") is True
+        return RequestFacts(
+            method=method,
+            endpoint=classify(method, segments),
+            model=model,
+            streaming=streaming,
+            user=user,
+        )
+
+    def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_prompt_chars(body)
+        if not isinstance(body, dict):
+            return None if body is None else 0
+        texts = [body.get("system"), body.get("messages")]
+        return text_chars(texts) + text_chars([body.get("tools")], count_keys=True)
+
+    def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_meter_for(facts, tally, sse, strip)
+        if sse:
+            return MessagesStreamMeter(tally)
+        return JSONBodyMeter(tally, EXTRACTOR)
 
     def error_body(self, status: int, message: str) -> bytes:
         return _error_json(status, message)
@@ -252,31 +249,3 @@ class AnthropicFormat(ProviderFormat):
         C{event: error}.
         """
         return b"event: error\ndata: " + _error_json(status, message) + b"\n\n"
-
-    def prompt_text_chars(self, info: RequestInfo) -> int | None:
-        if info.endpoint in OPENAI_COMPATIBLE:
-            return openai_prompt_chars(info)
-        body = info.body_json
-        if not isinstance(body, dict):
-            return None if body is None else 0
-        texts = [body.get("system"), body.get("messages")]
-        return text_chars(texts) + text_chars([body.get("tools")], count_keys=True)
-
-    def new_meter(
-        self,
-        info: RequestInfo,
-        content_type: bytes | None,
-        headers: Mapping[str, str],
-        strip_usage_chunk: bool,
-    ) -> Meter:
-        if info.endpoint in OPENAI_COMPATIBLE:
-            return openai_meter(info, content_type, headers, strip_usage_chunk, ID_HEADERS)
-        tally = new_tally(info, headers, ID_HEADERS)
-        if info.method not in GENERATION_METHODS or info.endpoint == "count_tokens":
-            return NullMeter(tally)
-        media = media_type(content_type)
-        if media == b"text/event-stream":
-            return MessagesStreamMeter(tally)
-        if is_json_type(media):
-            return JSONBodyMeter(tally, EXTRACTOR)
-        return NullMeter(tally)

@@ -23,31 +23,24 @@ from collections.abc import Mapping
 
 import orjson
 
-from llmproxy.providers.base import (
-    GENERATION_METHODS,
+from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.keyscan import KeyScanner
+from llmproxy.providers.meters import (
     Extractor,
     JSONBodyMeter,
-    KeyScanner,
     Meter,
-    NullMeter,
-    ProviderFormat,
-    RequestInfo,
     ScanMeter,
     SSEMeter,
     Tally,
-    as_int,
-    as_str,
-    decode_path,
-    dig,
-    is_json_type,
-    json_string,
-    media_type,
-    new_tally,
-    parse_json_body,
-    query_values,
-    text_chars,
 )
-from llmproxy.providers.openai import inspect_openai, openai_meter, openai_prompt_chars
+from llmproxy.providers.openai import (
+    COMPATIBLE_ENDPOINTS,
+    describe_openai,
+    openai_meter_for,
+    openai_prompt_chars,
+)
+from llmproxy.providers.prompt import text_chars
+from llmproxy.providers.wire import as_int, as_str, dig, json_string, query_values
 from llmproxy.sse import Event
 
 ID_HEADERS = ("x-request-id",)
@@ -226,18 +219,14 @@ class GeminiFormat(ProviderFormat):
     """
 
     kind = "gemini"
+    id_headers = ID_HEADERS
+    unmetered_endpoints = frozenset({"count_tokens"})
 
-    def inspect_request(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
-        try:
-            return self._inspect(method, path, query, body)
-        except Exception:
-            return RequestInfo(None, False, None, "other", None)
-
-    def _inspect(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
-        segments = decode_path(path)
+    def describe(
+        self, method: str, segments: list[str], query: bytes, body: object | None
+    ) -> RequestFacts:
         if "openai" in segments:
-            return inspect_openai(method, path, body)
-        verb = method.decode("ascii", "replace").upper()
+            return describe_openai(method, segments, body)
         endpoint = "other"
         model = None
         last = segments[-1] if segments else ""
@@ -250,27 +239,13 @@ class GeminiFormat(ProviderFormat):
             endpoint = "models"
             if segments[-2:-1] == ["models"]:
                 model = last
-        body_json = parse_json_body(body)
         alt = query_values(query, "alt") + query_values(query, "$alt")
         streaming = endpoint == "streamGenerateContent" or "sse" in alt
-        return RequestInfo(model, streaming, None, endpoint, body_json, verb)
+        return RequestFacts(method=method, endpoint=endpoint, model=model, streaming=streaming)
 
-    def error_body(self, status: int, message: str) -> bytes:
-        return _error_json(status, message)
-
-    def sse_error_event(self, status: int, message: str) -> bytes:
-        """
-        A C{data:} line holding the error body, and no C{event:} line: the
-        google-genai SDK raises its C{ClientError} / C{ServerError} for a
-        chunk that is C{{"error": ...}}, but fails on an C{event:} line with
-        a JSON decoding error instead.
-        """
-        return b"data: " + _error_json(status, message) + b"\n\n"
-
-    def prompt_text_chars(self, info: RequestInfo) -> int | None:
-        body = info.body_json
-        if info.endpoint in ("chat.completions", "completions", "embeddings"):
-            return openai_prompt_chars(info)
+    def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_prompt_chars(body)
         if not isinstance(body, dict):
             return None if body is None else 0
         texts = [
@@ -285,23 +260,23 @@ class GeminiFormat(ProviderFormat):
         ]
         return text_chars(texts) + text_chars([body.get("tools")], count_keys=True)
 
-    def new_meter(
-        self,
-        info: RequestInfo,
-        content_type: bytes | None,
-        headers: Mapping[str, str],
-        strip_usage_chunk: bool,
-    ) -> Meter:
-        if info.endpoint in ("chat.completions", "completions", "embeddings"):
-            return openai_meter(info, content_type, headers, strip_usage_chunk, ID_HEADERS)
-        tally = new_tally(info, headers, ID_HEADERS)
-        if info.method not in GENERATION_METHODS or info.endpoint == "count_tokens":
-            return NullMeter(tally)
-        media = media_type(content_type)
-        if media == b"text/event-stream":
+    def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_meter_for(facts, tally, sse, strip)
+        if sse:
             return GenerateStreamMeter(tally)
-        if is_json_type(media):
-            if info.endpoint == "streamGenerateContent":
-                return ScanMeter(tally, EXTRACTOR)
-            return JSONBodyMeter(tally, EXTRACTOR)
-        return NullMeter(tally)
+        if facts.endpoint == "streamGenerateContent":
+            return ScanMeter(tally, EXTRACTOR)
+        return JSONBodyMeter(tally, EXTRACTOR)
+
+    def error_body(self, status: int, message: str) -> bytes:
+        return _error_json(status, message)
+
+    def sse_error_event(self, status: int, message: str) -> bytes:
+        """
+        A C{data:} line holding the error body, and no C{event:} line: the
+        google-genai SDK raises its C{ClientError} / C{ServerError} for a
+        chunk that is C{{"error": ...}}, but fails on an C{event:} line with
+        a JSON decoding error instead.
+        """
+        return b"data: " + _error_json(status, message) + b"\n\n"

@@ -14,7 +14,7 @@ Usage, normalised (see L{llmproxy.usage.Usage}):
     C{output_tokens_details.reasoning_tokens}.
   - Streams: Chat Completions and Completions report usage in one last chunk
     with empty C{choices}, only when the request set
-    C{stream_options.include_usage}; L{OpenAIFormat.rewrite_request} sets it
+    C{stream_options.include_usage}; L{OpenAIFormat.ask_stream_usage} sets it
     and the meter then removes that chunk again.  Responses streams carry it
     in C{response.completed} (or C{.incomplete} / C{.failed}).
 """
@@ -26,35 +26,23 @@ from collections.abc import Mapping
 
 import orjson
 
-from llmproxy.providers.base import (
-    GENERATION_METHODS,
-    Extractor,
-    JSONBodyMeter,
-    KeyScanner,
-    Meter,
-    NullMeter,
-    ProviderFormat,
-    RequestInfo,
-    SSEMeter,
-    Tally,
-    as_int,
-    as_str,
-    decode_path,
-    dig,
-    is_json_type,
-    json_string,
-    loads,
-    media_type,
-    new_tally,
-    parse_json_body,
-    text_chars,
-)
+from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.keyscan import KeyScanner
+from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
+from llmproxy.providers.prompt import text_chars
+from llmproxy.providers.wire import as_int, as_str, dig, json_string, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("x-request-id",)
 
 STREAM_USAGE_ENDPOINTS = frozenset({"chat.completions", "completions"})
 """Endpoints whose streams report usage only when asked to."""
+
+COMPATIBLE_ENDPOINTS = frozenset({"chat.completions", "completions", "embeddings"})
+"""
+Endpoints other providers also serve in the OpenAI format (Anthropic's and
+Gemini's OpenAI-compatible paths), read and metered with this module.
+"""
 
 RESPONSES_FINAL_EVENTS = frozenset(
     {b"response.completed", b"response.incomplete", b"response.failed"}
@@ -121,33 +109,34 @@ def classify(method: str, segments: list[str]) -> str:
     return "other"
 
 
-def inspect_openai(method: bytes, path: bytes, body: bytes) -> RequestInfo:
+def describe_openai(method: str, segments: list[str], body: object | None) -> RequestFacts:
     """
-    L{OpenAIFormat.inspect_request}, shared with the OpenAI-compatible
+    The facts of an OpenAI-style request, shared with the OpenAI-compatible
     endpoints of other providers.
     """
-    verb = method.decode("ascii", "replace").upper()
-    segments = decode_path(path)
-    endpoint = classify(verb, segments)
-    body_json = parse_json_body(body)
     model = user = None
     streaming = False
-    if isinstance(body_json, dict):
-        model = as_str(body_json.get("model"))
-        user = as_str(body_json.get("user")) or as_str(body_json.get("safety_identifier"))
-        streaming = body_json.get("stream") is True
+    if isinstance(body, dict):
+        model = as_str(body.get("model"))
+        user = as_str(body.get("user")) or as_str(body.get("safety_identifier"))
+        streaming = body.get("stream") is True
     if model is None and "deployments" in segments[:-1]:
         # Azure OpenAI names the deployment in the path instead.
         model = segments[segments.index("deployments") + 1]
-    return RequestInfo(model, streaming, user, endpoint, body_json, verb)
+    return RequestFacts(
+        method=method,
+        endpoint=classify(method, segments),
+        model=model,
+        streaming=streaming,
+        user=user,
+    )
 
 
-def openai_prompt_chars(info: RequestInfo) -> int | None:
+def openai_prompt_chars(body: object | None) -> int | None:
     """
     Prompt text in an OpenAI-style body: messages, prompt, input,
     instructions, and the tool definitions.
     """
-    body = info.body_json
     if not isinstance(body, dict):
         return None if body is None else 0
     texts = [body.get(key) for key in ("messages", "prompt", "input", "instructions", "system")]
@@ -307,47 +296,57 @@ class ResponsesStreamMeter(SSEMeter):
         return False
 
 
+def openai_meter_for(facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
+    """
+    The meter for an OpenAI-style response, shared with the
+    OpenAI-compatible endpoints of other providers.
+    """
+    if not sse:
+        return JSONBodyMeter(tally, EXTRACTOR)
+    if facts.endpoint == "responses":
+        return ResponsesStreamMeter(tally)
+    return ChatStreamMeter(tally, strip)
+
+
 class OpenAIFormat(ProviderFormat):
     """
     The OpenAI API and its compatible servers.
     """
 
     kind = "openai"
+    id_headers = ID_HEADERS
 
-    def inspect_request(self, method: bytes, path: bytes, query: bytes, body: bytes) -> RequestInfo:
-        try:
-            return inspect_openai(method, path, body)
-        except Exception:
-            return RequestInfo(None, False, None, "other", None)
+    def describe(
+        self, method: str, segments: list[str], query: bytes, body: object | None
+    ) -> RequestFacts:
+        return describe_openai(method, segments, body)
 
-    def rewrite_request(
-        self, info: RequestInfo, body: bytes, inject_stream_usage: bool
-    ) -> tuple[bytes, bool]:
+    def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
+        return openai_prompt_chars(body)
+
+    def ask_stream_usage(self, facts: RequestFacts, body: object | None) -> bytes | None:
         """
         Ask a streaming Chat Completions / Completions request for usage.
 
         The client's other C{stream_options} stay; a C{stream_options} that
         is not an object is left for the upstream to reject.
         """
-        request = info.body_json
-        if not (
-            inject_stream_usage
-            and info.streaming
-            and info.endpoint in STREAM_USAGE_ENDPOINTS
-            and isinstance(request, dict)
-        ):
-            return body, False
-        options = request.get("stream_options")
+        if facts.endpoint not in STREAM_USAGE_ENDPOINTS or not isinstance(body, dict):
+            return None
+        options = body.get("stream_options")
         if options is None:
             options = {}
         if not isinstance(options, dict) or options.get("include_usage") is True:
-            return body, False
-        rewritten = dict(request)
+            return None
+        rewritten = dict(body)
         rewritten["stream_options"] = {**options, "include_usage": True}
         try:
-            return orjson.dumps(rewritten), True
+            return orjson.dumps(rewritten)
         except (TypeError, ValueError):
-            return body, False
+            return None
+
+    def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
+        return openai_meter_for(facts, tally, sse, strip)
 
     def error_body(self, status: int, message: str) -> bytes:
         return openai_error_body(status, message)
@@ -358,39 +357,3 @@ class OpenAIFormat(ProviderFormat):
         C{APIError} on any stream event whose data has an C{error} key.
         """
         return b"event: error\ndata: " + openai_error_body(status, message) + b"\n\n"
-
-    def prompt_text_chars(self, info: RequestInfo) -> int | None:
-        return openai_prompt_chars(info)
-
-    def new_meter(
-        self,
-        info: RequestInfo,
-        content_type: bytes | None,
-        headers: Mapping[str, str],
-        strip_usage_chunk: bool,
-    ) -> Meter:
-        return openai_meter(info, content_type, headers, strip_usage_chunk, ID_HEADERS)
-
-
-def openai_meter(
-    info: RequestInfo,
-    content_type: bytes | None,
-    headers: Mapping[str, str],
-    strip_usage_chunk: bool,
-    id_headers: tuple[str, ...],
-) -> Meter:
-    """
-    The meter for an OpenAI-style response, shared with the
-    OpenAI-compatible endpoints of other providers.
-    """
-    tally = new_tally(info, headers, id_headers)
-    if info.method not in GENERATION_METHODS:
-        return NullMeter(tally)
-    media = media_type(content_type)
-    if media == b"text/event-stream":
-        if info.endpoint == "responses":
-            return ResponsesStreamMeter(tally)
-        return ChatStreamMeter(tally, strip_usage_chunk)
-    if is_json_type(media):
-        return JSONBodyMeter(tally, EXTRACTOR)
-    return NullMeter(tally)

@@ -1,7 +1,7 @@
 # trial's assertion methods are unannotated; calling them is fine.
 # mypy: disallow-untyped-calls=False
 """
-Tests for L{llmproxy.metering}: prices, costs and the cost record.
+Tests for L{llmproxy.pricing} and L{llmproxy.records}: prices, costs and the cost record.
 
 Expected costs are worked out by hand in each test, so a wrong formula
 cannot agree with itself.
@@ -15,7 +15,7 @@ import orjson
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy import metering
+from llmproxy import pricing
 from llmproxy.config import (
     Config,
     ModelConfig,
@@ -24,7 +24,8 @@ from llmproxy.config import (
     PriceTier,
     ProviderConfig,
 )
-from llmproxy.metering import UNPRICED, Cost, PriceBook, UnpricedWarnings, make_record, rfc3339
+from llmproxy.pricing import UNPRICED, Cost, PriceBook, UnpricedWarnings
+from llmproxy.records import make_record, rfc3339
 from llmproxy.usage import Usage
 
 USD = 1e-9
@@ -441,7 +442,7 @@ class UnpricedWarningsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.events: list[dict[str, Any]] = []
-        self.patch(metering, "log", Logger(observer=cast(ILogObserver, self.events.append)))
+        self.patch(pricing, "log", Logger(observer=cast(ILogObserver, self.events.append)))
 
     def test_oncePerModel(self) -> None:
         warnings = UnpricedWarnings()
@@ -500,7 +501,7 @@ NOW = 1735787045.678  # 2025-01-02T03:04:05.678Z
 
 class CostRecordTests(SynchronousTestCase):
     """
-    L{make_record} and L{metering.CostRecord.to_json} produce the SPEC's
+    L{make_record} and L{llmproxy.records.CostRecord.to_json} produce the SPEC's
     record.
     """
 

@@ -18,8 +18,8 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.test.requesthelper import DummyRequest
 
 import llmproxy
-from llmproxy.metering import UNPRICED, Cost
 from llmproxy.metrics import OTHER_MODEL, Metrics, metrics_resource
+from llmproxy.pricing import UNPRICED, Cost
 from llmproxy.usage import Usage
 
 SPEC_SERIES = {
@@ -306,7 +306,7 @@ class NoReactorImportTests(SynchronousTestCase):
         have imported the global one).
         """
         code = (
-            "import sys, llmproxy.metrics, llmproxy.metering, llmproxy.sinks;"
+            "import sys, llmproxy.metrics, llmproxy.pricing, llmproxy.records, llmproxy.sinks;"
             "sys.exit('twisted.internet.reactor' in sys.modules)"
         )
         root = os.path.dirname(os.path.dirname(os.path.abspath(llmproxy.__file__)))

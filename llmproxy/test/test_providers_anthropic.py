@@ -7,8 +7,8 @@ from __future__ import annotations
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmproxy.providers import Meter, RequestFacts
 from llmproxy.providers.anthropic import AnthropicFormat
-from llmproxy.providers.base import Meter, RequestInfo
 from llmproxy.usage import Usage
 
 # ---------------------------------------------------------------------------
@@ -136,8 +136,8 @@ FORMAT = AnthropicFormat()
 HEADERS = {"request-id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
 
 
-def request(path: bytes, body: object, method: bytes = b"POST") -> RequestInfo:
-    return FORMAT.inspect_request(method, path, b"", orjson.dumps(body))
+def request(path: bytes, body: object, method: bytes = b"POST") -> RequestFacts:
+    return FORMAT.inspect(method, path, b"", orjson.dumps(body)).facts
 
 
 def run(meter: Meter, body: bytes, size: int) -> bytes:
@@ -153,7 +153,7 @@ MESSAGES = request(
 
 class InspectTests(SynchronousTestCase):
     """
-    L{AnthropicFormat.inspect_request}.
+    L{AnthropicFormat.inspect}.
     """
 
     def test_messages(self) -> None:
@@ -166,13 +166,13 @@ class InspectTests(SynchronousTestCase):
         }
         self.assertEqual(
             request(b"/v1/messages", body),
-            RequestInfo(
-                "claude-sonnet-4-20250514",
-                True,
-                "13803d75-b4b5-4c3e-b2a2-6f21399b021b",
-                "messages",
-                body,
-                "POST",
+            RequestFacts(
+                method="POST",
+                endpoint="messages",
+                model="claude-sonnet-4-20250514",
+                streaming=True,
+                user="13803d75-b4b5-4c3e-b2a2-6f21399b021b",
+                prompt_chars=5,
             ),
         )
 
@@ -187,17 +187,17 @@ class InspectTests(SynchronousTestCase):
             (b"POST", b"/v1/chat/completions", "chat.completions"),
         ]
         for method, path, endpoint in cases:
-            self.assertEqual(FORMAT.inspect_request(method, path, b"", b"").endpoint, endpoint)
+            self.assertEqual(FORMAT.inspect(method, path, b"", b"").facts.endpoint, endpoint)
 
     def test_garbage(self) -> None:
         for body in (b"", b"\x00\x01", b'{"metadata": "x", "model": []}', b"null", b"{"):
-            info = FORMAT.inspect_request(b"POST", b"/v1/messages", b"", body)
+            info = FORMAT.inspect(b"POST", b"/v1/messages", b"", body).facts
             self.assertEqual((info.model, info.user, info.streaming), (None, None, False))
 
     def test_noRewrite(self) -> None:
         raw = orjson.dumps({"model": "m", "stream": True})
-        info = FORMAT.inspect_request(b"POST", b"/v1/messages", b"", raw)
-        self.assertEqual(FORMAT.rewrite_request(info, raw, True), (raw, False))
+        inspection = FORMAT.inspect(b"POST", b"/v1/messages", b"", raw)
+        self.assertEqual((inspection.body, inspection.strip_usage_chunk), (raw, False))
 
 
 class JSONMeterTests(SynchronousTestCase):
@@ -447,8 +447,8 @@ class PromptTextTests(SynchronousTestCase):
                 "tools": [{"name": "w", "input_schema": {"type": "object"}}],
             },
         )
-        self.assertEqual(FORMAT.prompt_text_chars(info), 8 + 2 + 5 + (4 + 1 + 12))
+        self.assertEqual(info.prompt_chars, 8 + 2 + 5 + (4 + 1 + 12))
 
     def test_notJSON(self) -> None:
-        info = FORMAT.inspect_request(b"POST", b"/v1/messages", b"", b"\x89PNG")
-        self.assertIsNone(FORMAT.prompt_text_chars(info))
+        info = FORMAT.inspect(b"POST", b"/v1/messages", b"", b"\x89PNG").facts
+        self.assertIsNone(info.prompt_chars)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.providers.base import Meter, RequestInfo
+from llmproxy.providers import Meter, RequestFacts
 from llmproxy.providers.gemini import GeminiFormat
 from llmproxy.usage import Usage
 
@@ -126,9 +126,9 @@ FORMAT = GeminiFormat()
 
 def request(
     path: bytes, body: object = None, query: bytes = b"", method: bytes = b"POST"
-) -> RequestInfo:
+) -> RequestFacts:
     raw = b"" if body is None else orjson.dumps(body)
-    return FORMAT.inspect_request(method, path, query, raw)
+    return FORMAT.inspect(method, path, query, raw).facts
 
 
 def run(meter: Meter, body: bytes, size: int) -> bytes:
@@ -144,14 +144,20 @@ STREAM = request(
 
 class InspectTests(SynchronousTestCase):
     """
-    L{GeminiFormat.inspect_request}.
+    L{GeminiFormat.inspect}.
     """
 
     def test_generate(self) -> None:
         body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}
         self.assertEqual(
             request(b"/v1beta/models/gemini-2.5-flash:generateContent", body, b"key=AIza"),
-            RequestInfo("gemini-2.5-flash", False, None, "generateContent", body, "POST"),
+            RequestFacts(
+                method="POST",
+                endpoint="generateContent",
+                model="gemini-2.5-flash",
+                streaming=False,
+                prompt_chars=2,
+            ),
         )
 
     def test_endpoints(self) -> None:
@@ -186,7 +192,7 @@ class InspectTests(SynchronousTestCase):
             (b"/v1beta/openai/embeddings", b"", "embeddings", False),
         ]
         for path, query, endpoint, streaming in cases:
-            info = FORMAT.inspect_request(b"POST", path, query, b"")
+            info = FORMAT.inspect(b"POST", path, query, b"").facts
             self.assertEqual((info.endpoint, info.streaming), (endpoint, streaming), path)
 
     def test_model(self) -> None:
@@ -201,8 +207,8 @@ class InspectTests(SynchronousTestCase):
 
     def test_garbage(self) -> None:
         for path in (b"", b"/", b"/:", b"/models/:generateContent", b"/\xff%ff:x"):
-            info = FORMAT.inspect_request(b"POST", path, b"&&=&%zz", b"\xff")
-            self.assertIsNone(info.body_json)
+            info = FORMAT.inspect(b"POST", path, b"&&=&%zz", b"\xff").facts
+            self.assertIsNone(info.prompt_chars)
 
 
 class JSONMeterTests(SynchronousTestCase):
@@ -397,7 +403,7 @@ class PromptTextTests(SynchronousTestCase):
                 "generationConfig": {"temperature": 0.2},
             },
         )
-        self.assertEqual(FORMAT.prompt_text_chars(info), 9 + 8 + (20 + 4 + 1))
+        self.assertEqual(info.prompt_chars, 9 + 8 + (20 + 4 + 1))
 
     def test_embed(self) -> None:
         info = request(
@@ -411,8 +417,8 @@ class PromptTextTests(SynchronousTestCase):
                 ]
             },
         )
-        self.assertEqual(FORMAT.prompt_text_chars(info), 3)
+        self.assertEqual(info.prompt_chars, 3)
 
     def test_notJSON(self) -> None:
-        info = FORMAT.inspect_request(b"POST", b"/upload/v1beta/files", b"", b"--b\r\n")
-        self.assertIsNone(FORMAT.prompt_text_chars(info))
+        info = FORMAT.inspect(b"POST", b"/upload/v1beta/files", b"", b"--b\r\n").facts
+        self.assertIsNone(info.prompt_chars)

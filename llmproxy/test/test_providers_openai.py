@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.providers.base import Meter, RequestInfo
+from llmproxy.providers import Meter, RequestFacts
 from llmproxy.providers.openai import OpenAIFormat
 from llmproxy.usage import Usage
 
@@ -296,11 +296,11 @@ FORMAT = OpenAIFormat()
 HEADERS = {"x-request-id": "req_7e3f", "content-type": "application/json"}
 
 
-def request(path: bytes, body: object, method: bytes = b"POST") -> RequestInfo:
-    return FORMAT.inspect_request(method, path, b"", orjson.dumps(body))
+def request(path: bytes, body: object, method: bytes = b"POST") -> RequestFacts:
+    return FORMAT.inspect(method, path, b"", orjson.dumps(body)).facts
 
 
-def meter_for(info: RequestInfo, content_type: bytes | None, strip: bool = False) -> Meter:
+def meter_for(info: RequestFacts, content_type: bytes | None, strip: bool = False) -> Meter:
     return FORMAT.new_meter(info, content_type, HEADERS, strip)
 
 
@@ -319,7 +319,7 @@ PLAIN_CHAT = request(b"/v1/chat/completions", {"model": "gpt-4o", "messages": []
 
 class InspectTests(SynchronousTestCase):
     """
-    L{OpenAIFormat.inspect_request}.
+    L{OpenAIFormat.inspect}.
     """
 
     def test_chat(self) -> None:
@@ -330,7 +330,17 @@ class InspectTests(SynchronousTestCase):
             "user": "u-1",
         }
         info = request(b"/v1/chat/completions", body)
-        self.assertEqual(info, RequestInfo("gpt-4o", True, "u-1", "chat.completions", body, "POST"))
+        self.assertEqual(
+            info,
+            RequestFacts(
+                method="POST",
+                endpoint="chat.completions",
+                model="gpt-4o",
+                streaming=True,
+                user="u-1",
+                prompt_chars=2,
+            ),
+        )
 
     def test_endpoints(self) -> None:
         cases = [
@@ -350,7 +360,7 @@ class InspectTests(SynchronousTestCase):
             (b"POST", b"", "other"),
         ]
         for method, path, endpoint in cases:
-            info = FORMAT.inspect_request(method, path, b"", b"")
+            info = FORMAT.inspect(method, path, b"", b"").facts
             self.assertEqual(info.endpoint, endpoint, path)
 
     def test_userFallback(self) -> None:
@@ -369,23 +379,27 @@ class InspectTests(SynchronousTestCase):
         Odd bodies and paths are not errors.
         """
         for body in (b"", b"\xff\xfe", b"[1, 2]", b'{"model": 5, "stream": "true"}', b"{"):
-            info = FORMAT.inspect_request(b"POST", b"/v1/chat/completions", b"", body)
+            info = FORMAT.inspect(b"POST", b"/v1/chat/completions", b"", body).facts
             self.assertEqual((info.model, info.streaming, info.user), (None, False, None))
-        info = FORMAT.inspect_request(b"\xff", b"/%zz/\xff", b"\x00", b"\x00")
+        info = FORMAT.inspect(b"\xff", b"/%zz/\xff", b"\x00", b"\x00").facts
         self.assertEqual(info.endpoint, "other")
 
 
 class RewriteTests(SynchronousTestCase):
     """
-    L{OpenAIFormat.rewrite_request} asks streams for usage.
+    L{OpenAIFormat.inspect} asks streams for usage.
     """
 
-    def rewrite(self, body: dict[str, object], inject: bool = True) -> tuple[object, bool]:
+    def rewrite(
+        self,
+        body: dict[str, object],
+        inject: bool = True,
+        path: bytes = b"/v1/chat/completions",
+    ) -> tuple[object, bool]:
         raw = orjson.dumps(body)
-        new, strip = FORMAT.rewrite_request(
-            FORMAT.inspect_request(b"POST", b"/v1/chat/completions", b"", raw), raw, inject
-        )
-        return (orjson.loads(new) if new != raw else new), strip
+        inspection = FORMAT.inspect(b"POST", path, b"", raw, inject_stream_usage=inject)
+        new = inspection.body
+        return (orjson.loads(new) if new != raw else new), inspection.strip_usage_chunk
 
     def test_inject(self) -> None:
         body = {"model": "m", "messages": [], "stream": True}
@@ -429,15 +443,16 @@ class RewriteTests(SynchronousTestCase):
             self.assertEqual(self.rewrite(body), (raw, False))
         raw = orjson.dumps({"model": "m", "stream": True})
         self.assertEqual(self.rewrite({"model": "m", "stream": True}, inject=False), (raw, False))
-        info = request(b"/v1/responses", {"model": "m", "stream": True})
-        self.assertEqual(FORMAT.rewrite_request(info, raw, True), (raw, False))
+        self.assertEqual(
+            self.rewrite({"model": "m", "stream": True}, path=b"/v1/responses"), (raw, False)
+        )
 
     def test_completions(self) -> None:
-        raw = orjson.dumps({"model": "gpt-3.5-turbo-instruct", "prompt": "x", "stream": True})
-        info = FORMAT.inspect_request(b"POST", b"/v1/completions", b"", raw)
-        new, strip = FORMAT.rewrite_request(info, raw, True)
+        body = {"model": "gpt-3.5-turbo-instruct", "prompt": "x", "stream": True}
+        new, strip = self.rewrite(body, path=b"/v1/completions")
         self.assertTrue(strip)
-        self.assertEqual(orjson.loads(new)["stream_options"], {"include_usage": True})
+        assert isinstance(new, dict)
+        self.assertEqual(new["stream_options"], {"include_usage": True})
 
 
 class JSONMeterTests(SynchronousTestCase):
@@ -445,7 +460,7 @@ class JSONMeterTests(SynchronousTestCase):
     Non-streaming bodies, every endpoint.
     """
 
-    def check(self, info: RequestInfo, body: bytes, expected: Usage) -> None:
+    def check(self, info: RequestFacts, body: bytes, expected: Usage) -> None:
         for size in (1, 7, len(body)):
             meter = meter_for(info, b"application/json")
             self.assertEqual(run(meter, body, size), body)
@@ -569,7 +584,7 @@ class JSONMeterTests(SynchronousTestCase):
         """
         Re-reading a stored response is not usage.
         """
-        info = FORMAT.inspect_request(b"GET", b"/v1/responses/resp_1", b"", b"")
+        info = FORMAT.inspect(b"GET", b"/v1/responses/resp_1", b"", b"").facts
         meter = meter_for(info, b"application/json")
         run(meter, RESPONSE_JSON, 100)
         self.assertFalse(meter.usage().reported)
@@ -860,21 +875,21 @@ class PromptTextTests(SynchronousTestCase):
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
             },
         )
-        self.assertEqual(FORMAT.prompt_text_chars(info), 9 + 13 + 1 + 7 + (8 + 4 + 1 + 10))
+        self.assertEqual(info.prompt_chars, 9 + 13 + 1 + 7 + (8 + 4 + 1 + 10))
 
     def test_other(self) -> None:
         info = request(b"/v1/responses", {"model": "m", "input": "abc", "instructions": "de"})
-        self.assertEqual(FORMAT.prompt_text_chars(info), 5)
+        self.assertEqual(info.prompt_chars, 5)
         info = request(b"/v1/embeddings", {"model": "m", "input": ["ab", "c"]})
-        self.assertEqual(FORMAT.prompt_text_chars(info), 3)
+        self.assertEqual(info.prompt_chars, 3)
         info = request(b"/v1/completions", {"model": "m", "prompt": "abcd"})
-        self.assertEqual(FORMAT.prompt_text_chars(info), 4)
+        self.assertEqual(info.prompt_chars, 4)
 
     def test_notJSON(self) -> None:
-        info = FORMAT.inspect_request(b"POST", b"/v1/audio/transcriptions", b"", b"--x\r\n")
-        self.assertIsNone(FORMAT.prompt_text_chars(info))
-        info = FORMAT.inspect_request(b"POST", b"/v1/chat/completions", b"", b"[1]")
-        self.assertEqual(FORMAT.prompt_text_chars(info), 0)
+        info = FORMAT.inspect(b"POST", b"/v1/audio/transcriptions", b"", b"--x\r\n").facts
+        self.assertIsNone(info.prompt_chars)
+        info = FORMAT.inspect(b"POST", b"/v1/chat/completions", b"", b"[1]").facts
+        self.assertEqual(info.prompt_chars, 0)
 
 
 # The stripping property: any stream of chat chunks with one usage-only

@@ -28,8 +28,9 @@ from zope.interface.verify import verifyObject
 
 from llmproxy import sinks
 from llmproxy.config import CostTrackingConfig, FileTransport
-from llmproxy.metering import UNPRICED, CostRecord, make_record
 from llmproxy.metrics import Metrics
+from llmproxy.pricing import UNPRICED
+from llmproxy.records import CostRecord, make_record
 from llmproxy.sinks import (
     DROP_WARNING_INTERVAL,
     STOP_ATTEMPTS,

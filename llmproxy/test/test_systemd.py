@@ -22,7 +22,7 @@ from llmproxy import buildinfo
 from llmproxy.config import Config, ConfigError
 from llmproxy.health import HealthBoard
 from llmproxy.metrics import Metrics
-from llmproxy.runtime import ProxyState, Runtime, build_runtime, pooled_agents
+from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import IDLE_CLOSE_DELAY, ProxyService
 from llmproxy.sinks import NullCostSink
 from llmproxy.systemd import (
@@ -32,7 +32,8 @@ from llmproxy.systemd import (
     sd_notify,
     watchdog_interval,
 )
-from llmproxy.web import make_site
+from llmproxy.upstream import pooled_agents
+from llmproxy.web import gateway_site
 
 
 class Receiver:
@@ -245,7 +246,7 @@ class _ServiceFixture(SynchronousTestCase):
         service = ProxyService(
             self.reactor,
             [],
-            make_site(self.state),
+            gateway_site(self.state),
             self.state,
             HTTPConnectionPool(self.reactor),
             self.reloader,
@@ -399,7 +400,7 @@ class ServiceNotificationTests(_ServiceFixture):
         if saved is not None:
             self.addCleanup(os.environ.__setitem__, "NOTIFY_SOCKET", saved)
         service = ProxyService(
-            self.reactor, [], make_site(self.state), self.state, HTTPConnectionPool(self.reactor)
+            self.reactor, [], gateway_site(self.state), self.state, HTTPConnectionPool(self.reactor)
         )
         self.assertEqual(service.notifier, Notifier(None, None))
 

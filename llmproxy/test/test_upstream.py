@@ -1,5 +1,5 @@
 """
-Tests for L{llmproxy.runtime}: how upstream connections are made.
+Tests for L{llmproxy.upstream}: how upstream connections are made.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 
-from llmproxy.runtime import CachedEndpoints
+from llmproxy.upstream import CachedEndpoints
 
 
 class CachedEndpointsTests(SynchronousTestCase):

@@ -1,0 +1,103 @@
+# -*- test-case-name: llmproxy.test.test_headers -*-
+"""
+Which headers cross the proxy: the client's request headers going
+upstream, and the upstream's response headers coming back, less what is
+hop-by-hop, framing the proxy recomputes, or (for CORS) the proxy's own.
+"""
+
+from __future__ import annotations
+
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest, IResponse
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""RFC 9110 7.6.1, plus the legacy C{Proxy-Connection}."""
+
+REQUEST_DROP = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})
+"""
+Request headers set by the client side of the proxy instead: C{Host} by the
+agent from the URL, C{Content-Length} from the body producer,
+C{Accept-Encoding} by treq (gzip, which it decodes: the client receives
+the decoded body, see docs/requests.md).
+"""
+
+RESPONSE_DROP = frozenset({b"content-length", b"content-encoding"})
+"""
+Response framing headers we compute ourselves. C{Content-Encoding} survives
+only when the body is passed through undecoded (see L{copy_response_headers}).
+"""
+
+
+def _connection_named(headers: Headers) -> frozenset[bytes]:
+    return frozenset(
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+        if token.strip()
+    )
+
+
+def forward_request_headers(
+    incoming: Headers, client_ip: str | None, secure: bool, forwarded: bool
+) -> Headers:
+    """
+    The headers to send upstream: everything the client sent except
+    hop-by-hop headers (and those C{Connection} names), C{Host},
+    C{Content-Length} and C{Accept-Encoding}; plus C{X-Forwarded-For} (appended) and
+    C{X-Forwarded-Proto} when C{forwarded}.
+    """
+    skip = HOP_BY_HOP | REQUEST_DROP | _connection_named(incoming)
+    outgoing = Headers()
+    for name, values in incoming.getAllRawHeaders():
+        if name.lower() not in skip:
+            outgoing.setRawHeaders(name, list(values))
+    if forwarded:
+        chain = b", ".join(incoming.getRawHeaders(b"x-forwarded-for", []))
+        if client_ip:
+            ip = client_ip.encode("ascii")
+            chain = chain + b", " + ip if chain else ip
+        if chain:
+            outgoing.setRawHeaders(b"x-forwarded-for", [chain])
+        outgoing.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
+    return outgoing
+
+
+def copy_response_headers(response: IResponse, request: IRequest) -> bool:
+    """
+    Copy the upstream's response headers to C{request}, less hop-by-hop,
+    framing and CORS headers (the proxy owns CORS). Returns whether the body
+    is still encoded: treq decodes gzip and removes C{Content-Encoding}
+    itself, so one still present is an encoding we pass through untouched.
+    """
+    headers = response.headers
+    skip = HOP_BY_HOP | RESPONSE_DROP | _connection_named(headers)
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in skip or lower.startswith(b"access-control-"):
+            continue
+        request.responseHeaders.setRawHeaders(name, list(values))
+    encodings = [
+        token.strip()
+        for value in headers.getRawHeaders(b"content-encoding", [])
+        for token in value.split(b",")
+        if token.strip() and token.strip().lower() != b"identity"
+    ]
+    # Twisted's ContentDecoderAgent leaves an empty Content-Encoding on every
+    # response that had none; only a real coding counts (and is passed on).
+    if encodings:
+        request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
+        return True
+    return False

@@ -1,0 +1,192 @@
+# -*- test-case-name: llmproxy.test.test_providers_format -*-
+"""
+What every provider wire format offers the request path: one call to read
+a client request (L{ProviderFormat.inspect}), one to pick the meter for a
+response (L{ProviderFormat.new_meter}), and the provider's own error
+shapes for the answers the proxy makes itself.
+
+A provider module subclasses L{ProviderFormat} and fills in the parts that
+differ (how a path names its API and model, where prompt text lives, which
+meter reads its responses); the order of the steps, the fallbacks and the
+promise never to raise live here once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+from attrs import evolve, frozen
+
+from llmproxy.providers.meters import Meter, NullMeter, Tally, new_tally
+from llmproxy.providers.wire import decode_path, is_json_type, media_type, parse_json_body
+
+GENERATION_METHODS = frozenset({"POST", "PUT", "PATCH"})
+"""Methods whose responses can report usage; C{GET} only re-reads old results."""
+
+
+@frozen
+class RequestFacts:
+    """
+    What a provider format learned from a client request.
+
+    @ivar method: the request method, upper case.  Usage is read only from
+        responses to L{GENERATION_METHODS}: a C{GET} of a stored response
+        would otherwise count its tokens a second time.
+    @ivar endpoint: a short, bounded name for the API called (safe as a
+        metric label): C{chat.completions}, C{completions}, C{responses},
+        C{embeddings}, C{models}, C{messages}, C{count_tokens},
+        C{generateContent}, C{streamGenerateContent}, C{embedContent}, C{other}.
+    @ivar model: the requested model, when the request names one.
+    @ivar streaming: the response will be streamed (SSE or a streamed array).
+    @ivar user: the end user the client names in the body, if any.
+    @ivar prompt_chars: characters of prompt text in the body (for token
+        estimation); L{None} when the body is not JSON or was too large to
+        sample.
+    """
+
+    method: str = "POST"
+    endpoint: str = "other"
+    model: str | None = None
+    streaming: bool = False
+    user: str | None = None
+    prompt_chars: int | None = None
+
+
+@frozen
+class Inspection:
+    """
+    A client request as the provider format reads it.
+
+    @ivar facts: what the request is.
+    @ivar body: the body to send upstream: the client's, unless the format
+        rewrote it (OpenAI streams asked for their usage).
+    @ivar strip_usage_chunk: the response carries a usage-only event the
+        client did not ask for, which its meter must remove.
+    """
+
+    facts: RequestFacts
+    body: bytes
+    strip_usage_chunk: bool = False
+
+
+class ProviderFormat(abc.ABC):
+    """
+    One provider's wire format.
+
+    @cvar kind: the config C{kind} this format serves.
+    @cvar id_headers: response headers carrying the upstream request id, in
+        order of preference.
+    @cvar unmetered_endpoints: endpoints whose responses never carry usage.
+    """
+
+    kind: str
+    id_headers: tuple[str, ...] = ()
+    unmetered_endpoints: frozenset[str] = frozenset()
+
+    def inspect(
+        self,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        body: bytes,
+        *,
+        inject_stream_usage: bool = True,
+        sample_limit: int = 1 << 62,
+    ) -> Inspection:
+        """
+        Read a client request; never raises, whatever the input.
+
+        @param path: the raw, still percent-encoded path after the mount
+            prefix, without the query (C{b"/v1/chat/completions"}).
+        @param query: the raw query string without C{?}, possibly C{b""}.
+        @param inject_stream_usage: ask streams that report usage only on
+            request to report it (C{providers.<name>.inject_stream_usage}).
+        @param sample_limit: prompt text is counted only in bodies up to
+            this many bytes; larger ones are estimated from their size.
+        """
+        verb = method.decode("ascii", "replace").upper()
+        try:
+            body_json = parse_json_body(body)
+            facts = self.describe(verb, decode_path(path), query, body_json)
+            if len(body) <= sample_limit:
+                facts = evolve(facts, prompt_chars=self.prompt_chars(facts, body_json))
+            rewritten = None
+            if inject_stream_usage and facts.streaming:
+                rewritten = self.ask_stream_usage(facts, body_json)
+        except Exception:
+            return Inspection(RequestFacts(method=verb), body)
+        if rewritten is None:
+            return Inspection(facts, body)
+        return Inspection(facts, rewritten, strip_usage_chunk=True)
+
+    def new_meter(
+        self,
+        facts: RequestFacts,
+        content_type: bytes | None,
+        headers: Mapping[str, str],
+        strip_usage_chunk: bool = False,
+    ) -> Meter:
+        """
+        The meter for the response to a request.
+
+        @param content_type: the response C{Content-Type}, if any.
+        @param headers: response headers, lower-case name to first value.
+        @param strip_usage_chunk: the request's L{Inspection} said so.
+        """
+        tally = new_tally(facts.model, headers, self.id_headers)
+        if facts.method not in GENERATION_METHODS or facts.endpoint in self.unmetered_endpoints:
+            return NullMeter(tally)
+        media = media_type(content_type)
+        if media == b"text/event-stream" or is_json_type(media):
+            return self.meter_for(facts, tally, media == b"text/event-stream", strip_usage_chunk)
+        return NullMeter(tally)
+
+    # -- the parts each provider fills in -------------------------------------
+
+    @abc.abstractmethod
+    def describe(
+        self, method: str, segments: list[str], query: bytes, body: object | None
+    ) -> RequestFacts:
+        """
+        The facts of a request, without C{prompt_chars}.
+
+        @param segments: the non-empty, percent-decoded path segments.
+        @param body: the parsed JSON body, or L{None} when it is not JSON.
+        """
+
+    @abc.abstractmethod
+    def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
+        """
+        How many characters of prompt text C{body} carries, or L{None} when
+        it is not JSON.
+        """
+
+    def ask_stream_usage(self, facts: RequestFacts, body: object | None) -> bytes | None:
+        """
+        The body rewritten to ask a streamed response for its usage, or
+        L{None} when it reports usage anyway (only OpenAI's chat streams
+        need asking).
+        """
+        return None
+
+    @abc.abstractmethod
+    def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
+        """
+        The meter for a response that may carry usage: an SSE stream when
+        C{sse}, else JSON (or of unknown type).
+
+        @param strip: remove the usage-only event L{ask_stream_usage} asked for.
+        """
+
+    @abc.abstractmethod
+    def error_body(self, status: int, message: str) -> bytes:
+        """
+        This provider's own JSON error body for an error the proxy makes.
+        """
+
+    @abc.abstractmethod
+    def sse_error_event(self, status: int, message: str) -> bytes:
+        """
+        Complete SSE bytes that make this provider's SDK raise mid-stream.
+        """

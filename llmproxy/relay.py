@@ -1,0 +1,156 @@
+# -*- test-case-name: llmproxy.test.test_attempt -*-
+"""
+Relaying an upstream response body to the client as it arrives.
+
+The L{Relay} is the body protocol of one upstream response and the push
+producer of the client's response: when the client's socket buffer fills,
+twisted.web pauses it, which pauses the upstream socket, so the proxy holds
+about one chunk per stream. One timer per stream watches both the silence
+between chunks and the call's total deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+
+from llmproxy.providers import Meter
+
+ErrorEvent = Callable[[int, str], bytes]
+"""A provider's C{sse_error_event}: status and message to SSE bytes."""
+
+BodyEnded = Callable[[bool, str | None, str], None]
+"""
+Told once when the body ends: whether it was complete; if not, why (a
+failure kind such as C{idle_timeout}, or L{None} when the client left) and
+the error's text.
+"""
+
+
+class Relay(Protocol):
+    """
+    Writes the upstream body to the client as it arrives, through the
+    response's meter, and ends the client's response the way the body ended.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        meter: Meter | None,
+        clock: IReactorTime,
+        idle_seconds: float,
+        deadline: float | None,
+        error_event: ErrorEvent | None,
+        ended: BodyEnded,
+    ) -> None:
+        """
+        @param meter: reads usage from the body (and may remove an event);
+            L{None} for a body that is not metered.
+        @param idle_seconds: the longest silence allowed between chunks (0: none).
+        @param deadline: when the call's total time budget ends (clock
+            seconds), or L{None}.
+        @param error_event: for an SSE response, how to tell the client's SDK
+            that the stream failed; L{None} for other bodies, whose
+            connection is cut instead.
+        """
+        self.request = request
+        self.meter = meter
+        self.clock = clock
+        self.idle_seconds = idle_seconds
+        self.deadline = deadline
+        self.error_event = error_event
+        self.ended = ended
+        self.first_byte: float | None = None
+        self.gone = False
+        self._timer: IDelayedCall | None = None
+        self._aborted: tuple[str, str] | None = None
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self._arm()
+
+    def _arm(self) -> None:
+        """
+        (Re)arm the one timer for whichever comes first: the idle limit from
+        now, or the total deadline.
+        """
+        now = self.clock.seconds()
+        end = self.deadline
+        if self.idle_seconds > 0:
+            idle_end = now + self.idle_seconds
+            end = idle_end if end is None else min(end, idle_end)
+        if end is None:
+            return
+        delay = max(end - now, 0.0)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.deadline is not None and self.clock.seconds() >= self.deadline:
+            self._abort("total_timeout", "Upstream exceeded the total time budget.")
+        else:
+            self._abort("idle_timeout", "Upstream stream was silent for too long.")
+
+    def _abort(self, kind: str, message: str) -> None:
+        """
+        Give up on the upstream mid-body: close it; L{connectionLost} then
+        ends the client's response with an error.
+        """
+        if self._aborted is None:
+            self._aborted = (kind, message)
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = self.clock.seconds()
+        self._arm()
+        if self.meter is not None:
+            data = self.meter.feed(data)
+        if data and not self.gone:
+            self.request.write(data)
+
+    def client_gone(self) -> None:
+        """
+        The client left: stop reading the upstream (which closes it).
+        """
+        self.gone = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        tail = self.meter.finish() if self.meter is not None else b""
+        if self.gone:
+            self.ended(False, None, "client left")
+            return
+        request = self.request
+        request.unregisterProducer()
+        if tail:
+            request.write(tail)
+        if self._aborted is None and reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+            self.ended(True, None, "")
+            return
+        kind, message = self._aborted or ("broken_stream", "Upstream stream ended unexpectedly.")
+        if self.error_event is not None:
+            status = 504 if kind in ("idle_timeout", "total_timeout") else 502
+            # The blank line ends an event the upstream left half-written, so
+            # the error event after it parses on its own.
+            request.write(b"\n\n" + self.error_event(status, message))
+            request.finish()
+        else:
+            # Headers are gone already: cut the connection so the client sees
+            # a truncated body rather than a complete-looking one.
+            request.loseConnection()
+        self.ended(False, kind, reason.getErrorMessage())

@@ -1,0 +1,159 @@
+"""
+Tests for L{llmproxy.providers.format} and L{llmproxy.providers.format_for}.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmproxy.providers import Inspection, RequestFacts, format_for
+from llmproxy.providers.anthropic import AnthropicFormat
+from llmproxy.providers.gemini import GeminiFormat
+from llmproxy.providers.openai import OpenAIFormat
+from llmproxy.usage import Usage
+
+
+class FormatForTests(SynchronousTestCase):
+    """
+    L{format_for} picks a format by config kind.
+    """
+
+    def test_kinds(self) -> None:
+        self.assertIsInstance(format_for("openai"), OpenAIFormat)
+        self.assertIsInstance(format_for("anthropic"), AnthropicFormat)
+        self.assertIsInstance(format_for("gemini"), GeminiFormat)
+        for kind in ("openai", "anthropic", "gemini"):
+            self.assertEqual(format_for(kind).kind, kind)
+
+    def test_unknown(self) -> None:
+        self.assertRaises(KeyError, format_for, "bedrock")
+
+
+class RequestFactsTests(SynchronousTestCase):
+    """
+    L{RequestFacts} is a plain value; a request no format can read gets
+    the defaults.
+    """
+
+    def test_defaults(self) -> None:
+        facts = RequestFacts()
+        self.assertEqual(facts.method, "POST")
+        self.assertEqual(facts.endpoint, "other")
+        self.assertEqual((facts.model, facts.streaming, facts.user), (None, False, None))
+
+    def test_unreadable(self) -> None:
+        """
+        A body that is not JSON keeps the body as it is and says nothing
+        about prompt text.
+        """
+        for kind in ("openai", "anthropic", "gemini"):
+            inspection = format_for(kind).inspect(b"POST", b"/v1/x", b"", b"\x00")
+            self.assertEqual(inspection.body, b"\x00")
+            self.assertFalse(inspection.strip_usage_chunk)
+            self.assertIsNone(inspection.facts.prompt_chars)
+
+    def test_sample_limit(self) -> None:
+        """
+        Prompt text is counted only in bodies up to the sample limit.
+        """
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hello"}]}'
+        fmt = format_for("openai")
+        counted = fmt.inspect(b"POST", b"/v1/chat/completions", b"", body, sample_limit=len(body))
+        self.assertEqual(counted.facts.prompt_chars, 5)
+        skipped = fmt.inspect(
+            b"POST", b"/v1/chat/completions", b"", body, sample_limit=len(body) - 1
+        )
+        self.assertIsNone(skipped.facts.prompt_chars)
+        self.assertEqual(skipped.facts.model, "m")
+
+
+# Every format, endpoint and media type, fed garbage: bytes that are not
+# JSON, JSON cut anywhere, SSE with broken data, binary.
+_GARBAGE_PIECES = [
+    b'data: {"usage": {"prompt_tokens": "x"}, "choices": []}\n\n',
+    b'data: {"type":"message_start","message":{"usage":[1,2]}}\n\n',
+    b'event: message_delta\ndata: {"usage": null, "delta": 5}\n\n',
+    b'data: {"usageMetadata": {"promptTokenCount": -1}, "candidates": {}}\r\n\r\n',
+    b'event: response.completed\ndata: {"response": []}\n\n',
+    b'{"model": 1, "usage": {"input_tokens": 1e999}, "choices": [null]}',
+    b'[{"usageMetadata": "x"},',
+    b'"usage": {',
+    b"data: [DONE]\n\n",
+    b"\r",
+    b"\xff\xfe\x00",
+]
+_garbage = st.lists(
+    st.one_of(st.binary(max_size=40), st.sampled_from(_GARBAGE_PIECES)), max_size=12
+).map(b"".join)
+_REQUESTS = [
+    ("openai", b"/v1/chat/completions", b'{"model": "m", "stream": true}'),
+    ("openai", b"/v1/responses", b'{"model": "m", "stream": true}'),
+    ("openai", b"/v1/embeddings", b"{}"),
+    ("anthropic", b"/v1/messages", b'{"model": "m", "stream": true}'),
+    ("anthropic", b"/v1/chat/completions", b"{}"),
+    ("gemini", b"/v1beta/models/m:streamGenerateContent", b"{}"),
+    ("gemini", b"/v1beta/models/m:generateContent", b"\x00"),
+]
+_MEDIA = [b"text/event-stream", b"application/json", None, b"audio/wav", b"\xff;;"]
+
+
+class GarbageTests(SynchronousTestCase):
+    """
+    No input makes a format or a meter raise.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.sampled_from(_REQUESTS),
+        st.sampled_from(_MEDIA),
+        st.booleans(),
+        _garbage,
+        st.lists(st.integers(0, 400), max_size=6),
+    )
+    def test_meters(
+        self,
+        target: tuple[str, bytes, bytes],
+        media: bytes | None,
+        strip: bool,
+        body: bytes,
+        cuts: list[int],
+    ) -> None:
+        kind, path, request_body = target
+        fmt = format_for(kind)
+        facts = fmt.inspect(b"POST", path, b"alt=sse", request_body).facts
+        meter = fmt.new_meter(facts, media, {}, strip)
+        out = b""
+        last = 0
+        for cut in sorted(c for c in cuts if c <= len(body)):
+            out += meter.feed(body[last:cut])
+            meter.usage()
+            last = cut
+        out += meter.feed(body[last:]) + meter.finish()
+        self.assertIsInstance(meter.usage(), Usage)
+        if strip:
+            self.assertLessEqual(len(out), len(body))
+        else:
+            self.assertEqual(out, body)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.sampled_from(["openai", "anthropic", "gemini"]),
+        st.binary(max_size=8),
+        st.binary(max_size=60),
+        st.binary(max_size=20),
+        st.one_of(_garbage, st.sampled_from([b'{"model": {}, "messages": "x", "tools": 5}'])),
+    )
+    def test_requests(
+        self, kind: str, method: bytes, path: bytes, query: bytes, body: bytes
+    ) -> None:
+        fmt = format_for(kind)
+        inspection = fmt.inspect(method, path, query, body)
+        self.assertIsInstance(inspection, Inspection)
+        chars = inspection.facts.prompt_chars
+        self.assertTrue(chars is None or chars >= 0)
+        self.assertIsInstance(inspection.body, bytes)
+        fmt.new_meter(
+            inspection.facts, b"text/event-stream", {}, inspection.strip_usage_chunk
+        ).finish()
