@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from llmproxy.config.errors import KeyPath, Locate, dotted, segment, show
+from llmproxy.config.errors import KeyPath, Locate, error_line, segment, show
 
 
 class _Missing:
@@ -71,7 +71,7 @@ class Checker:
         Record a problem with the key at C{path} that has no single value to
         show (an unknown key, a missing transport).
         """
-        self.errors.append(f"{self._locate(path)}: {dotted(path)}: {message}")
+        self.errors.append(error_line(self._locate(path), path, message))
         return INVALID
 
 
@@ -171,11 +171,18 @@ def string_list(ck: Checker, path: KeyPath, value: object) -> tuple[str, ...] | 
     return tuple(str(item) for item in items)
 
 
+def one_of(choices: Iterable[str]) -> str:
+    """
+    What a L{choice} expects: C{expected one of 'a', 'b'}.
+    """
+    return "expected one of " + ", ".join(repr(option) for option in choices)
+
+
 def choice(*choices: str) -> Parser:
     """
     A parser for a string that must be one of C{choices}.
     """
-    expected = "expected one of " + ", ".join(repr(option) for option in choices)
+    expected = one_of(choices)
 
     def parse(ck: Checker, path: KeyPath, value: object) -> str | Invalid:
         if isinstance(value, str) and value in choices:
@@ -237,6 +244,20 @@ def section(
         if not isinstance(parsed, Invalid):
             kwargs[key] = parsed
     return cls(**kwargs)
+
+
+def nested(
+    cls: Callable[..., _T], parsers: Mapping[str, Parser]
+) -> Callable[[Checker, KeyPath, object], _T]:
+    """
+    A parser for a section whose keys are each parsed on their own:
+    L{section} with C{cls} and C{parsers} fixed.
+    """
+
+    def parse(ck: Checker, path: KeyPath, value: object) -> _T:
+        return section(ck, path, value, cls, parsers)
+
+    return parse
 
 
 def named(

@@ -3,8 +3,8 @@
 What a configuration error says: L{ConfigError}, and how its messages name
 a key path and show a value.
 
-The checker and the file loader both write these messages, so how a path
-and a value are shown is kept in one place.
+The checker and the file loader both write these messages, so their form
+is kept in one place.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def segment(key: object) -> str:
     return key if isinstance(key, str) else repr(key)
 
 
-def dotted(path: KeyPath) -> str:
+def _dotted(path: KeyPath) -> str:
     """
     C{("features", "cost_tracking", "transports", 0, "type")} ->
     C{features.cost_tracking.transports[0].type}.
@@ -69,3 +69,10 @@ def show(value: object) -> str:
     """
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def error_line(source: str, path: KeyPath, message: str) -> str:
+    """
+    One error as L{ConfigError} holds it: C{<source>: <key.path>: <message>}.
+    """
+    return f"{source}: {_dotted(path)}: {message}"

@@ -18,7 +18,7 @@ from typing import Any, cast
 import yaml
 
 from llmproxy.config.checks import Expanded
-from llmproxy.config.errors import ConfigError, KeyPath, Locate, dotted, segment, show
+from llmproxy.config.errors import ConfigError, KeyPath, Locate, error_line, segment, show
 from llmproxy.config.model import Config
 from llmproxy.config.validate import validate
 
@@ -95,7 +95,7 @@ def _expand(
 
     expanded = _REFERENCE.sub(substitute, value)
     for problem in problems:
-        errors.append(f"{source}: {dotted(path)}: {problem}, got {show(value)}")
+        errors.append(error_line(source, path, f"{problem}, got {show(value)}"))
     return Expanded(expanded)
 
 

@@ -31,6 +31,8 @@ from llmproxy.config.checks import (
     count,
     fields,
     named,
+    nested,
+    one_of,
     positive_amount,
     positive_count,
     redis_url,
@@ -77,16 +79,12 @@ def _listen(ck: Checker, path: KeyPath, value: object) -> tuple[str, ...] | Inva
     return string_list(ck, path, value)
 
 
-def _cors(ck: Checker, path: KeyPath, value: object) -> CorsConfig:
-    return section(ck, path, value, CorsConfig, {"allow_origins": string_list})
-
-
 _SERVER_KEYS: Mapping[str, Parser] = {
     "listen": _listen,
     "max_body_bytes": positive_count,
     "drain_timeout_seconds": amount,
     "shutdown_grace_seconds": amount,
-    "cors": _cors,
+    "cors": nested(CorsConfig, {"allow_origins": string_list}),
     "forwarded_headers": boolean,
 }
 
@@ -259,15 +257,11 @@ def _models(ck: Checker, path: KeyPath, value: object) -> dict[str, ModelConfig]
     return models
 
 
-def _timeouts(ck: Checker, path: KeyPath, value: object) -> Timeouts:
-    return section(ck, path, value, Timeouts, _TIMEOUT_KEYS)
-
-
 _PROVIDER_KEYS: Mapping[str, Parser] = {
     "enabled": boolean,
     "kind": choice(*PROVIDER_KINDS),
     "base_url": base_url,
-    "timeouts": _timeouts,
+    "timeouts": nested(Timeouts, _TIMEOUT_KEYS),
     "models": _models,
     "inject_stream_usage": boolean,
 }
@@ -286,9 +280,7 @@ def _provider(ck: Checker, path: KeyPath, name: str, value: object) -> ProviderC
         if "kind" not in value:
             ck.fail(
                 (*path, "kind"),
-                "expected one of "
-                + ", ".join(repr(kind) for kind in PROVIDER_KINDS)
-                + " (required for a provider that is not built in)",
+                one_of(PROVIDER_KINDS) + " (required for a provider that is not built in)",
                 MISSING,
             )
         if "base_url" not in value:
@@ -329,10 +321,6 @@ _LIMIT_KEYS: Mapping[str, Parser] = {
     "requests_per_day": count,
     "tokens_per_day": count,
 }
-
-
-def _limits(ck: Checker, path: KeyPath, value: object) -> Limits:
-    return section(ck, path, value, Limits, _LIMIT_KEYS)
 
 
 _OVERRIDE_SCOPES = {
@@ -386,16 +374,16 @@ def _rate_limiting(ck: Checker, path: KeyPath, value: object) -> RateLimitConfig
     # limits first: the overrides inherit from them.
     limits = Limits()
     if isinstance(value, Mapping) and "limits" in value:
-        limits = _limits(ck, (*path, "limits"), value["limits"])
+        limits = section(ck, (*path, "limits"), value["limits"], Limits, _LIMIT_KEYS)
     parsers: dict[str, Parser] = {
         "enabled": boolean,
         "backend": choice("memory", "redis"),
-        "redis": lambda ck, p, v: section(ck, p, v, RedisConfig, _REDIS_KEYS),
+        "redis": nested(RedisConfig, _REDIS_KEYS),
         "fail_mode": choice("open", "closed"),
         "sweep_interval_seconds": positive_amount,
         "limits": lambda ck, p, v: limits,
         "overrides": lambda ck, p, v: _overrides(ck, p, v, limits),
-        "estimation": lambda ck, p, v: section(ck, p, v, Estimation, _ESTIMATION_KEYS),
+        "estimation": nested(Estimation, _ESTIMATION_KEYS),
     }
     return section(ck, path, value, RateLimitConfig, parsers)
 
@@ -449,14 +437,14 @@ def _cost_tracking(ck: Checker, path: KeyPath, value: object) -> CostTrackingCon
 _FEATURES_KEYS: Mapping[str, Parser] = {
     "rate_limiting": _rate_limiting,
     "cost_tracking": _cost_tracking,
-    "metrics": lambda ck, p, v: section(ck, p, v, MetricsConfig, {"enabled": boolean}),
+    "metrics": nested(MetricsConfig, {"enabled": boolean}),
 }
 
 _TOP_KEYS: Mapping[str, Parser] = {
-    "server": lambda ck, p, v: section(ck, p, v, ServerConfig, _SERVER_KEYS),
-    "logging": lambda ck, p, v: section(ck, p, v, LoggingConfig, _LOGGING_KEYS),
+    "server": nested(ServerConfig, _SERVER_KEYS),
+    "logging": nested(LoggingConfig, _LOGGING_KEYS),
     "providers": _providers,
-    "features": lambda ck, p, v: section(ck, p, v, FeaturesConfig, _FEATURES_KEYS),
+    "features": nested(FeaturesConfig, _FEATURES_KEYS),
 }
 
 
