@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_config -*-
+# -*- test-case-name: llmproxy.test.test_config_checks -*-
 """
 The machinery for validating configuration: a L{Checker} that collects
 every error instead of stopping at the first, and the parsers for single

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_config -*-
+# -*- test-case-name: llmproxy.test.test_config_checks -*-
 """
 What a configuration error says: L{ConfigError}, and how its messages name
 a key path and show a value.

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_config -*-
+# -*- test-case-name: llmproxy.test.test_config_load -*-
 """
 Reading configuration files: YAML with duplicate keys refused, C{extends}
 chains, C{${VAR}} expansion, deep merge in order, and remembering which

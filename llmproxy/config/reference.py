@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_config -*-
+# -*- test-case-name: llmproxy.test.test_config_reference -*-
 """
 The configuration reference: every key, its default and its meaning.
 

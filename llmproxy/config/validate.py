@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_config -*-
+# -*- test-case-name: llmproxy.test.test_config_validate -*-
 """
 Turning one merged mapping into a L{Config}: which keys each section has,
 what each key accepts, and the rules that span keys (a custom provider
