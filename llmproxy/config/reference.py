@@ -1,0 +1,226 @@
+# -*- test-case-name: llmproxy.test.test_config_reference -*-
+"""
+The configuration reference: every key, its default and its meaning.
+
+README.md's configuration reference is the table L{render_reference_table}
+prints (a test keeps the two equal); defaults are read from
+L{llmproxy.config.model} so the table cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, get_args, get_type_hints
+
+import attrs
+
+from llmproxy.config.model import Config
+
+_P = "providers.<name>"
+_M = f"{_P}.models.<model>"
+_RL = "features.rate_limiting"
+_CT = "features.cost_tracking"
+
+_REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
+    # (key, default or None to read it from the model, meaning)
+    (
+        "extends",
+        "(none)",
+        "Path of a file to load first, relative to this file; this file merges over it",
+    ),
+    (
+        "server.listen",
+        None,
+        "Endpoint descriptions (`tcp:9002:interface=127.0.0.1`, `ssl:...`, `unix:...`, "
+        "`systemd:domain=INET:index=0`); empty: `--listen`, else `tcp:$PORT`, else `tcp:9002`",
+    ),
+    ("server.max_body_bytes", None, "Largest request body accepted; a larger one gets 413"),
+    (
+        "server.drain_timeout_seconds",
+        None,
+        "On SIGTERM, how long in-flight requests and streams may still run",
+    ),
+    (
+        "server.shutdown_grace_seconds",
+        None,
+        "On SIGTERM, how long listeners stay open while `/health` answers 503",
+    ),
+    ("server.cors.allow_origins", None, "Origins allowed by CORS (`*` = any)"),
+    (
+        "server.forwarded_headers",
+        None,
+        "Append `X-Forwarded-For` and set `X-Forwarded-Proto` on forwarded requests",
+    ),
+    ("logging.format", None, "`text` or `json` (one JSON object per line)"),
+    ("logging.level", None, "`debug`, `info`, `warn`, `error` or `critical`"),
+    (f"{_P}.enabled", None, "Mount the provider at `/<name>/`; `false` answers 404 there"),
+    (
+        f"{_P}.kind",
+        "(the name)",
+        "Wire format: `openai`, `anthropic` or `gemini`; required for a name that is not built in",
+    ),
+    (
+        f"{_P}.base_url",
+        "(public API)",
+        "Upstream scheme, host, optional port and path prefix; required for a name not built in",
+    ),
+    (
+        f"{_P}.inject_stream_usage",
+        None,
+        "Ask OpenAI-format streams for usage and hide the added usage chunk from the client",
+    ),
+    (f"{_P}.timeouts.connect_seconds", None, "Connecting to the upstream"),
+    (f"{_P}.timeouts.first_byte_seconds", None, "Until the upstream's response headers (else 504)"),
+    (f"{_P}.timeouts.idle_seconds", None, "Between two chunks of the response body"),
+    (f"{_P}.timeouts.total_seconds", None, "Whole request; `0` = no limit"),
+    (f"{_M}.aliases", "[]", "Other names of the model (dated snapshots) priced like it"),
+    (
+        f"{_M}.pricing",
+        "(unpriced)",
+        "A price mapping (keys below) or a list of tiers; USD per 1M tokens",
+    ),
+    (f"{_M}.pricing.input", "(required)", "Price of uncached input tokens"),
+    (f"{_M}.pricing.output", "(required)", "Price of output tokens that are not reasoning"),
+    (f"{_M}.pricing.cache_read", "(= input)", "Price of input tokens read from the cache"),
+    (f"{_M}.pricing.cache_write", "(= input)", "Price of input tokens written to the cache"),
+    (f"{_M}.pricing.reasoning", "(= output)", "Price of reasoning (thinking) output tokens"),
+    (
+        f"{_M}.pricing.overrides.<alias>",
+        "{}",
+        "Price keys (or tiers) for responses naming that alias (one of `aliases`)",
+    ),
+    (
+        f"{_M}.pricing[].threshold",
+        "(required)",
+        "Tier list: a tier applies while input tokens <= threshold; `0` = catch-all; "
+        "each tier also holds the price keys",
+    ),
+    (f"{_RL}.enabled", None, "Enforce the limits below"),
+    (f"{_RL}.backend", None, "`memory` (one process) or `redis` (shared by every instance)"),
+    (f"{_RL}.redis.url", None, "`redis://[:password@]host:port/db` or `rediss://...`"),
+    (
+        f"{_RL}.redis.timeout_ms",
+        None,
+        "How long a limiter call may wait for Redis before `fail_mode`",
+    ),
+    (
+        f"{_RL}.fail_mode",
+        None,
+        "When the backend is unreachable: `open` admits requests, `closed` refuses them",
+    ),
+    (f"{_RL}.sweep_interval_seconds", None, "How often the memory backend drops idle scopes"),
+    (f"{_RL}.limits.requests_per_minute", None, "Per scope; `0` = unlimited"),
+    (f"{_RL}.limits.tokens_per_minute", None, "Per scope; `0` = unlimited"),
+    (f"{_RL}.limits.requests_per_day", None, "Per scope; `0` = unlimited"),
+    (f"{_RL}.limits.tokens_per_day", None, "Per scope; `0` = unlimited"),
+    (
+        f"{_RL}.overrides.per_provider.<name>.<limit>",
+        "(from limits)",
+        "Any of the four limit keys for one provider; a key left out inherits `limits`",
+    ),
+    (
+        f"{_RL}.overrides.per_model.<model>.<limit>",
+        "(from limits)",
+        "The same for one model",
+    ),
+    (
+        f"{_RL}.overrides.per_key.<key_id>.<limit>",
+        "(from limits)",
+        "The same for one client key (its hash id)",
+    ),
+    (f"{_RL}.overrides.per_user.<user>.<limit>", "(from limits)", "The same for one user"),
+    (f"{_RL}.estimation.chars_per_token", None, "Characters of prompt text per estimated token"),
+    (
+        f"{_RL}.estimation.provider_chars_per_token",
+        None,
+        "Provider name to characters per token, replacing `chars_per_token` for that provider",
+    ),
+    (f"{_RL}.estimation.bytes_per_token", None, "Body bytes per token when no text is sampled"),
+    (
+        f"{_RL}.estimation.max_sample_bytes",
+        None,
+        "Largest JSON body whose text is read for the estimate",
+    ),
+    (
+        f"{_RL}.estimation.optimistic_first_request",
+        None,
+        "Admit a request whose estimate alone exceeds a token limit while its scope is unused",
+    ),
+    (f"{_CT}.enabled", None, "Write one cost record per forwarded request"),
+    (f"{_CT}.transports[].type", "(required)", "`file` (the only type)"),
+    (
+        f"{_CT}.transports[].file.path",
+        "(required)",
+        "JSON Lines file the records are appended to (relative to the working directory)",
+    ),
+    (f"{_CT}.flush_interval_seconds", None, "How often buffered records are written"),
+    (
+        f"{_CT}.queue_size",
+        None,
+        "Records held while a sink fails before new ones are dropped (and counted)",
+    ),
+    ("features.metrics.enabled", None, "Serve Prometheus metrics at `/metrics`"),
+)
+
+
+def _yaml_text(value: object) -> str:
+    """
+    A default as it would be written in YAML: C{true}, C{600}, C{["*"]}.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(f'"{item}"' for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {_yaml_text(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def _model_default(key: str) -> str:
+    """
+    The default of a dotted key, read from the attrs model: C{<...>}
+    segments step into a mapping's value type, other segments name fields.
+    """
+    cls: Any = Config
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith("<"):
+            cls = get_args(cls)[1]
+            continue
+        field = attrs.fields_dict(cls)[part]
+        if index == len(parts) - 1:
+            default: object = field.default
+            factory = getattr(default, "factory", None)  # an attrs Factory
+            if callable(factory):
+                default = factory()
+            return _yaml_text(default)
+        cls = get_type_hints(cls)[part]
+    raise KeyError(key)
+
+
+def reference_keys() -> list[tuple[str, str, str]]:
+    """
+    Every configuration key: C{(dotted key, default, meaning)}.
+
+    Keys use C{<name>}-style placeholders for names the operator chooses and
+    C{[]} for list items.  Defaults come from the attrs model where it holds
+    them; a default in parentheses is prose (C{(required)}, C{(= input)}).
+    """
+    return [
+        (key, _model_default(key) if default is None else default, meaning)
+        for key, default, meaning in _REFERENCE_ROWS
+    ]
+
+
+def render_reference_table() -> str:
+    """
+    The Markdown table of L{reference_keys} that README.md's configuration
+    reference holds verbatim (a test keeps the two equal).
+    """
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in reference_keys():
+        shown = default[1:-1] if default.startswith("(") else f"`{default}`"
+        lines.append(f"| `{key}` | {shown} | {meaning} |")
+    return "\n".join(lines) + "\n"

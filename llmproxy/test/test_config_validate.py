@@ -1,0 +1,417 @@
+"""
+Tests for L{llmproxy.config.validate}: each section's keys and the rules
+that span keys (custom providers, pricing, rate limit overrides).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from llmproxy.config import (
+    ConfigError,
+    Limits,
+    ModelPricing,
+    Price,
+    PriceTier,
+    ProviderConfig,
+    parse_config,
+)
+from llmproxy.test.test_config import FilesMixin, price
+
+
+class SectionTests(FilesMixin):
+    """
+    Section-specific rules, each error naming the file and the key path.
+    """
+
+    def test_bad_kind(self) -> None:
+        self.assertOneError(
+            "providers:\n  groq: {kind: groq, base_url: 'https://api.groq.com/openai'}\n",
+            "providers.groq.kind",
+            "expected one of 'openai', 'anthropic', 'gemini', got 'groq'",
+        )
+
+    def test_custom_provider_needs_kind_and_base_url(self) -> None:
+        path = self.write("config.yml", "providers:\n  local: {enabled: true}\n")
+        self.assertEqual(
+            self.errors([path]),
+            [
+                f"{path}: providers.local.kind: expected one of 'openai', 'anthropic', "
+                "'gemini' (required for a provider that is not built in), got nothing",
+                f"{path}: providers.local.base_url: expected an http(s) URL (required for a "
+                "provider that is not built in), got nothing",
+            ],
+        )
+
+    def test_provider_names(self) -> None:
+        """
+        Provider names are URL path segments of lowercase letters, digits,
+        C{_} and C{-}, and cannot shadow C{/health}, C{/metrics}, C{/meta}.
+        """
+        for name in ("Groq", "a/b", "a.b", "'a b'"):
+            self.assertOneError(
+                f"providers:\n  {name}: {{kind: openai, base_url: 'http://h'}}\n",
+                f"providers.{name.strip(chr(39))}",
+                "expected a provider name made of a-z, 0-9",
+            )
+        for name in ("health", "metrics", "meta"):
+            self.assertOneError(
+                f"providers:\n  {name}: {{kind: openai, base_url: 'http://h'}}\n",
+                f"providers.{name}",
+                "expected a provider name other than health, metrics and meta",
+            )
+
+    def test_listen(self) -> None:
+        self.assertOneError(
+            "server: {listen: 'tcp:9002'}\n",
+            "server.listen",
+            "expected a list of endpoint descriptions",
+        )
+        self.assertOneError(
+            "server: {listen: ['tcp:1', '']}\n",
+            "server.listen[1]",
+            "expected a non-empty string, got ''",
+        )
+        config = self.load("server: {listen: ['tcp:1', 'unix:/tmp/s']}\n")
+        self.assertEqual(config.server.listen, ("tcp:1", "unix:/tmp/s"))
+
+    def test_transports(self) -> None:
+        self.assertOneError(
+            "features: {cost_tracking: {transports: [{type: s3}]}}\n",
+            "features.cost_tracking.transports[0].type",
+            "expected 'file', got 's3'",
+        )
+        self.assertOneError(
+            "features: {cost_tracking: {transports: [{type: file, file: {}}]}}\n",
+            "features.cost_tracking.transports[0].file.path",
+            "expected a non-empty string, got nothing",
+        )
+        self.assertOneError(
+            "features: {cost_tracking: {transports: [{type: file}]}}\n",
+            "features.cost_tracking.transports[0].file",
+            "got nothing",
+        )
+
+    def test_cost_tracking_enabled_needs_a_transport(self) -> None:
+        self.assertOneError(
+            "features: {cost_tracking: {enabled: true}}\n",
+            "features.cost_tracking.transports",
+            "expected at least one transport when enabled is true, got nothing",
+        )
+        self.assertOneError(
+            "features: {cost_tracking: {enabled: true, transports: []}}\n",
+            "features.cost_tracking.transports",
+            "expected at least one transport when enabled is true, got []",
+        )
+
+    def test_estimation(self) -> None:
+        prefix = "features: {rate_limiting: {estimation: "
+        for text, key, expected in [
+            ("{chars_per_token: 0}", "chars_per_token", "expected a number > 0, got 0"),
+            ("{bytes_per_token: -4}", "bytes_per_token", "expected a number > 0, got -4"),
+            ("{max_sample_bytes: -1}", "max_sample_bytes", "expected an integer >= 0, got -1"),
+            (
+                "{provider_chars_per_token: {openai: 0}}",
+                "provider_chars_per_token.openai",
+                "expected a number > 0, got 0",
+            ),
+        ]:
+            self.assertOneError(
+                prefix + text + "}}\n", "features.rate_limiting.estimation." + key, expected
+            )
+        config = self.load(
+            prefix + "{provider_chars_per_token: {anthropic: 3.5}, max_sample_bytes: 0}}}\n"
+        )
+        estimation = config.features.rate_limiting.estimation
+        self.assertEqual(estimation.provider_chars_per_token, {"anthropic": 3.5})
+        self.assertEqual(estimation.max_sample_bytes, 0)
+
+    def test_parse_config_source(self) -> None:
+        """
+        L{parse_config} names its C{source} in every message.
+        """
+        error = self.assertRaises(
+            ConfigError, parse_config, {"server": {"listen": [1]}}, "<reload>"
+        )
+        self.assertEqual(
+            error.errors, ["<reload>: server.listen[0]: expected a non-empty string, got 1"]
+        )
+
+
+class PricingTests(FilesMixin):
+    def pricing(self, model: str) -> str:
+        """
+        YAML for an openai provider with one model, C{model}.
+        """
+        return "providers:\n  openai:\n    models:\n      m: " + model + "\n"
+
+    def priced(self, model: str) -> ModelPricing:
+        pricing = self.load(self.pricing(model)).providers["openai"].models["m"].pricing
+        assert pricing is not None
+        return pricing
+
+    def test_defaults(self) -> None:
+        """
+        C{cache_read} and C{cache_write} default to C{input}, C{reasoning}
+        to C{output}; a mapping is one catch-all tier.
+        """
+        self.assertEqual(
+            self.priced("{pricing: {input: 2, output: 8}}"),
+            ModelPricing(tiers=(PriceTier(threshold=0, price=price(2.0, 8.0)),)),
+        )
+        self.assertEqual(
+            self.priced(
+                "{pricing: {input: 3, output: 15, cache_read: 0.3, cache_write: 3.75, "
+                "reasoning: 20}}"
+            ).tiers,
+            (PriceTier(threshold=0, price=Price(3.0, 15.0, 0.3, 3.75, 20.0)),),
+        )
+
+    def test_tiers_sorted_with_catch_all_last(self) -> None:
+        pricing = self.priced(
+            """
+        pricing:
+          - {threshold: 0, input: 4, output: 18}
+          - {threshold: 1000000, input: 3, output: 16, cache_read: 1}
+          - {threshold: 200000, input: 2, output: 12}
+        """
+        )
+        self.assertEqual(
+            pricing.tiers,
+            (
+                PriceTier(threshold=200000, price=price(2.0, 12.0)),
+                PriceTier(threshold=1000000, price=price(3.0, 16.0, cache_read=1.0)),
+                PriceTier(threshold=0, price=price(4.0, 18.0)),
+            ),
+        )
+
+    def test_tiers_without_catch_all(self) -> None:
+        """
+        Without a catch-all the largest tier becomes it: requests above
+        every threshold pay the largest tier's price.
+        """
+        pricing = self.priced(
+            "{pricing: [{threshold: 500, input: 2, output: 3},"
+            " {threshold: 100, input: 1, output: 1}]}"
+        )
+        self.assertEqual(
+            pricing.tiers,
+            (
+                PriceTier(threshold=100, price=price(1.0, 1.0)),
+                PriceTier(threshold=0, price=price(2.0, 3.0)),
+            ),
+        )
+
+    def test_duplicate_thresholds(self) -> None:
+        self.assertOneError(
+            self.pricing(
+                "{pricing: [{threshold: 0, input: 1, output: 1},"
+                " {threshold: 0, input: 2, output: 2}]}"
+            ),
+            "providers.openai.models.m.pricing[1].threshold",
+            "expected a threshold no other tier has (tier [0] has it), got 0",
+        )
+
+    def test_tier_errors(self) -> None:
+        self.assertOneError(
+            self.pricing("{pricing: []}"),
+            "providers.openai.models.m.pricing",
+            "expected at least one price tier",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: [{input: 1, output: 1}]}"),
+            "providers.openai.models.m.pricing[0].threshold",
+            "got nothing",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: [{threshold: -1, input: 1, output: 1}]}"),
+            "providers.openai.models.m.pricing[0].threshold",
+            "expected an integer >= 0, got -1",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: [{threshold: 0, input: 1, output: 1, overrides: {}}]}"),
+            "providers.openai.models.m.pricing[0].overrides",
+            "unknown key",
+        )
+
+    def test_price_errors(self) -> None:
+        self.assertOneError(
+            self.pricing("{pricing: {input: -1, output: 1}}"),
+            "providers.openai.models.m.pricing.input",
+            "expected a number >= 0, got -1",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: {input: 1}}"),
+            "providers.openai.models.m.pricing.output",
+            "expected a price in USD per 1M tokens, got nothing",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: {input: 1, output: '2'}}"),
+            "providers.openai.models.m.pricing.output",
+            "got '2'",
+        )
+        self.assertOneError(
+            self.pricing("{pricing: 5}"),
+            "providers.openai.models.m.pricing",
+            "expected a price mapping {input, output, ...} or a list of tiers, got 5",
+        )
+
+    def test_overrides(self) -> None:
+        pricing = self.priced(
+            """
+        aliases: [m-old, m-new]
+        pricing:
+          input: 2.5
+          output: 10
+          cache_read: 1.25
+          overrides:
+            m-old: {input: 5, output: 15}
+            m-new: [{threshold: 0, input: 1, output: 2}]
+        """
+        )
+        self.assertEqual(pricing.tiers, (PriceTier(0, price(2.5, 10.0, cache_read=1.25)),))
+        self.assertEqual(
+            pricing.overrides,
+            {
+                "m-old": ModelPricing(tiers=(PriceTier(0, price(5.0, 15.0)),)),
+                "m-new": ModelPricing(tiers=(PriceTier(0, price(1.0, 2.0)),)),
+            },
+        )
+
+    def test_override_must_name_an_alias(self) -> None:
+        self.assertOneError(
+            self.pricing(
+                "{aliases: [a], pricing: {input: 1, output: 1,"
+                " overrides: {b: {input: 1, output: 1}}}}"
+            ),
+            "providers.openai.models.m.pricing.overrides.b",
+            "expected one of the model's aliases (a), got 'b'",
+        )
+
+    def test_no_nested_overrides(self) -> None:
+        self.assertOneError(
+            self.pricing(
+                "{aliases: [a], pricing: {input: 1, output: 1, "
+                "overrides: {a: {input: 1, output: 1, overrides: {}}}}}"
+            ),
+            "providers.openai.models.m.pricing.overrides.a.overrides",
+            "unknown key",
+        )
+
+    def test_alias_used_twice(self) -> None:
+        self.assertOneError(
+            "providers:\n  openai:\n    models:\n      m: {}\n      n: {aliases: [x, m]}\n",
+            "providers.openai.models.n.aliases[1]",
+            "expected a name no other model of this provider uses ('m' does), got 'm'",
+        )
+
+    def test_unpriced(self) -> None:
+        """
+        A model without C{pricing}, or with C{pricing: null} (to unprice a
+        model a base file priced), has no pricing.
+        """
+        models = (
+            self.load(
+                "providers:\n  openai:\n    models:\n"
+                "      a: {aliases: [a1]}\n      b: {pricing: null}\n"
+            )
+            .providers["openai"]
+            .models
+        )
+        self.assertIsNone(models["a"].pricing)
+        self.assertEqual(models["a"].aliases, ("a1",))
+        self.assertIsNone(models["b"].pricing)
+
+    def test_model_name_must_be_a_string(self) -> None:
+        self.assertOneError(
+            "providers:\n  openai:\n    models:\n      4: {}\n",
+            "providers.openai.models.4",
+            "expected a non-empty string as the model name, got 4",
+        )
+
+
+class RateLimitOverrideTests(FilesMixin):
+    def test_filled_from_limits(self) -> None:
+        """
+        Every override value is complete: keys it leaves out come from
+        C{limits}.
+        """
+        config = self.load(
+            """\
+            features:
+              rate_limiting:
+                limits: {requests_per_minute: 10, tokens_per_minute: 1000, tokens_per_day: 5}
+                overrides:
+                  per_provider: {anthropic: {requests_per_minute: 2}}
+                  per_model: {gpt-4o: {tokens_per_minute: 0}}
+                  per_key: {k1: {}}
+                  per_user: {alice: {requests_per_day: 7, tokens_per_day: 70}}
+            """
+        )
+        overrides = config.features.rate_limiting.overrides
+        self.assertEqual(overrides.per_provider, {"anthropic": Limits(2, 1000, 0, 5)})
+        self.assertEqual(overrides.per_model, {"gpt-4o": Limits(10, 0, 0, 5)})
+        self.assertEqual(overrides.per_key, {"k1": Limits(10, 1000, 0, 5)})
+        self.assertEqual(overrides.per_user, {"alice": Limits(10, 1000, 7, 70)})
+
+    def test_errors(self) -> None:
+        prefix = "features:\n  rate_limiting:\n    overrides:\n      "
+        self.assertOneError(
+            prefix + "per_user: {bob: {requests_per_hour: 1}}\n",
+            "features.rate_limiting.overrides.per_user.bob.requests_per_hour",
+            "unknown key",
+        )
+        self.assertOneError(
+            prefix + "per_key: {k: {tokens_per_day: -3}}\n",
+            "features.rate_limiting.overrides.per_key.k.tokens_per_day",
+            "expected an integer >= 0, got -3",
+        )
+        self.assertOneError(
+            prefix + "per_team: {}\n",
+            "features.rate_limiting.overrides.per_team",
+            "unknown key",
+        )
+        self.assertOneError(
+            prefix + "per_provider: {nope: {}}\n",
+            "features.rate_limiting.overrides.per_provider.nope",
+            "expected the name of a configured provider, got 'nope'",
+        )
+
+    def test_custom_provider_override(self) -> None:
+        config = self.load(
+            """\
+            providers:
+              local: {kind: openai, base_url: 'http://127.0.0.1:11434/v1'}
+            features:
+              rate_limiting:
+                overrides: {per_provider: {local: {requests_per_day: 1}}}
+            """
+        )
+        self.assertEqual(
+            config.features.rate_limiting.overrides.per_provider, {"local": Limits(0, 0, 1, 0)}
+        )
+
+
+class CustomProviderTests(FilesMixin):
+    def test_custom_provider(self) -> None:
+        config = self.load(
+            """\
+            providers:
+              groq:
+                kind: openai
+                base_url: https://api.groq.com/openai/
+                inject_stream_usage: false
+                timeouts: {first_byte_seconds: 30}
+            """
+        )
+        self.assertEqual(
+            config.providers["groq"],
+            ProviderConfig(
+                name="groq",
+                kind="openai",
+                base_url="https://api.groq.com/openai",
+                inject_stream_usage=False,
+                timeouts=attrs.evolve(config.providers["openai"].timeouts, first_byte_seconds=30.0),
+            ),
+        )
+        self.assertEqual(list(config.providers)[:3], ["openai", "anthropic", "gemini"])
