@@ -2465,7 +2465,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         return listening.addCallback(announce)
 
     react(run)
-
-
-if __name__ == "__main__":
-    main()
