@@ -43,6 +43,7 @@ from llmproxy.testing.fake_upstream import (
     listen,
     text_pieces,
 )
+from llmproxy.testing.fake_upstream.responder import Responder
 
 OPENAI_AUTH = [(b"Authorization", b"Bearer sk-test")]
 ANTHROPIC_AUTH = [(b"x-api-key", b"sk-ant-test"), (b"anthropic-version", b"2023-06-01")]
@@ -185,7 +186,7 @@ def fake_timers(clock: Clock) -> list[DelayedCall]:
     return [
         call
         for call in cast(list[DelayedCall], clock.getDelayedCalls())
-        if type(getattr(call.func, "__self__", None)).__name__ == "_Responder"
+        if isinstance(getattr(call.func, "__self__", None), Responder)
     ]
 
 
