@@ -65,23 +65,16 @@ Handler = Callable[[Call], Reply]
 """A route: answers one call."""
 
 
-def dumps(value: Any) -> bytes:
-    """
-    C{value} as compact JSON.
-    """
-    return orjson.dumps(value)
-
-
 def sse_data(value: Any, end: bytes = b"\n\n") -> bytes:
     """
     An SSE event of one C{data:} line (Gemini ends its events with
     C{\\r\\n\\r\\n}).
     """
-    return b"data: " + dumps(value) + end
+    return b"data: " + orjson.dumps(value) + end
 
 
 def sse_event(name: str, value: Any) -> bytes:
     """
     A named SSE event (C{event:} then C{data:}).
     """
-    return b"event: " + name.encode("ascii") + b"\ndata: " + dumps(value) + b"\n\n"
+    return b"event: " + name.encode("ascii") + b"\ndata: " + orjson.dumps(value) + b"\n\n"

@@ -10,10 +10,12 @@ injected with C{x-fake-status}) looks like the provider's own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from llmproxy.testing.fake_upstream.call import Call, Reply, dumps, sse_data, sse_event
+import orjson
+
+from llmproxy.testing.fake_upstream.call import Call, Reply, sse_data, sse_event
 from llmproxy.testing.fake_upstream.records import ReceivedRequest
 
 _STATUS_MESSAGES = {
@@ -44,40 +46,119 @@ def status_message(status: int) -> str:
 
 class Dialect:
     """
-    Headers and error shapes of one provider.
+    Headers, error shapes and credential checks of one provider.
+
+    A provider sets the class attributes and writes the methods that raise
+    L{NotImplementedError} here.
+
+    @cvar json_type: the C{Content-Type} of a JSON answer.
+    @cvar sse_type: the C{Content-Type} of an event stream.
+    @cvar error_kinds: the provider's name for an error status (its error
+        C{type}, or Gemini's C{status}).
+    @cvar client_error_kind: the name for a 4xx status not in C{error_kinds}.
+    @cvar server_error_kind: the name for a 5xx status not in C{error_kinds}.
     """
 
     json_type = b"application/json"
     sse_type = b"text/event-stream; charset=utf-8"
+    error_kinds: Mapping[int, str] = {}
+    client_error_kind = ""
+    server_error_kind = ""
 
     def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
+        """
+        The response headers of every reply, in the provider's order.
+        """
         raise NotImplementedError()
 
     def error_body(self, call: Call, status: int, message: str, code: str | None) -> Any:
+        """
+        The JSON body of an error response.
+        """
         raise NotImplementedError()
 
     def stream_error(self, call: Call) -> bytes:
+        """
+        The event the provider sends when a stream fails midway.
+        """
         raise NotImplementedError()
 
-    def check_auth(self, call: Call) -> Reply | None:
+    def api_key(self, call: Call) -> str | None:
+        """
+        The key the request authenticates with, wherever the provider
+        takes it from.
+        """
         raise NotImplementedError()
+
+    def no_key(self, call: Call) -> Reply:
+        """
+        The provider's answer to a request without a key.
+        """
+        raise NotImplementedError()
+
+    def wrong_key(self, call: Call, key: str) -> Reply:
+        """
+        The provider's answer to a key it does not know.
+        """
+        raise NotImplementedError()
+
+    def not_found(self, call: Call) -> Reply:
+        """
+        The provider's 404 for a path (or method) the fake does not serve.
+        """
+        raise NotImplementedError()
+
+    def error_kind(self, status: int) -> str:
+        """
+        The provider's name for an error status.
+        """
+        fallback = self.server_error_kind if status >= 500 else self.client_error_kind
+        return self.error_kinds.get(status, fallback)
+
+    def check_auth(self, call: Call) -> Reply | None:
+        """
+        The provider's refusal of the request's credentials, or C{None} to
+        go on: no key, or one starting with C{invalid} (the fake's wrong
+        key).  Nothing is refused when the fake does not require auth.
+        """
+        if not call.require_auth:
+            return None
+        key = self.api_key(call)
+        if not key:
+            return self.no_key(call)
+        if key.startswith("invalid"):
+            return self.wrong_key(call, key)
+        return None
 
     def error(
         self, call: Call, status: int, message: str | None = None, code: str | None = None
     ) -> Reply:
+        """
+        An error reply in the provider's shape (C{message} defaults to one
+        for the status).
+        """
         text = message if message is not None else status_message(status)
         return Reply(
             status=status,
             headers=self.headers(call, self.json_type),
-            chunks=[dumps(self.error_body(call, status, text, code))],
+            chunks=[orjson.dumps(self.error_body(call, status, text, code))],
         )
 
     def json(self, call: Call, value: Any) -> Reply:
-        return Reply(status=200, headers=self.headers(call, self.json_type), chunks=[dumps(value)])
+        """
+        A 200 with C{value} as its JSON body.
+        """
+        return Reply(
+            status=200, headers=self.headers(call, self.json_type), chunks=[orjson.dumps(value)]
+        )
 
     def stream(
         self, call: Call, chunks: Iterable[bytes], content_type: bytes | None = None
     ) -> Reply:
+        """
+        A 200 streaming C{chunks}, one write each (an event stream unless
+        C{content_type} says otherwise).
+        """
         return Reply(
             status=200,
             headers=self.headers(call, content_type or self.sse_type),
@@ -97,8 +178,13 @@ def _bearer(request: ReceivedRequest) -> str | None:
     return token.strip()
 
 
+def _header_text(request: ReceivedRequest, name: bytes) -> str | None:
+    value = request.header(name)
+    return value.decode("latin-1").strip() if value else None
+
+
 class _OpenAI(Dialect):
-    _types = {
+    error_kinds = {
         400: "invalid_request_error",
         401: "invalid_request_error",
         403: "permission_error",
@@ -108,6 +194,8 @@ class _OpenAI(Dialect):
         422: "invalid_request_error",
         429: "requests",
     }
+    client_error_kind = "invalid_request_error"
+    server_error_kind = "server_error"
     _codes = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
     def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
@@ -127,11 +215,10 @@ class _OpenAI(Dialect):
         ]
 
     def error_body(self, call: Call, status: int, message: str, code: str | None) -> Any:
-        kind = self._types.get(status, "server_error" if status >= 500 else "invalid_request_error")
         return {
             "error": {
                 "message": message,
-                "type": kind,
+                "type": self.error_kind(status),
                 "param": None,
                 "code": code if code is not None else self._codes.get(status),
             }
@@ -140,28 +227,29 @@ class _OpenAI(Dialect):
     def stream_error(self, call: Call) -> bytes:
         return sse_data(self.error_body(call, 500, status_message(500), None))
 
-    def check_auth(self, call: Call) -> Reply | None:
-        if not call.require_auth:
-            return None
+    def api_key(self, call: Call) -> str | None:
         key = _bearer(call.request)
-        if key is None:
-            azure = call.request.header(b"api-key")
-            key = azure.decode("latin-1").strip() if azure else None
-        if not key:
-            return self.error(
-                call,
-                401,
-                "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                None,
-            )
-        if key.startswith("invalid"):
-            return self.error(call, 401, f"Incorrect API key provided: {key[:4]}****.")
-        return None
+        return key if key is not None else _header_text(call.request, b"api-key")
+
+    def no_key(self, call: Call) -> Reply:
+        return self.error(
+            call,
+            401,
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
+
+    def wrong_key(self, call: Call, key: str) -> Reply:
+        return self.error(call, 401, f"Incorrect API key provided: {key[:4]}****.")
+
+    def not_found(self, call: Call) -> Reply:
+        request = call.request
+        method = request.method.decode()
+        return self.error(call, 404, f"Invalid URL ({method} {request.path.decode('latin-1')})")
 
 
 class _Anthropic(Dialect):
-    _types = {
+    error_kinds = {
         400: "invalid_request_error",
         401: "authentication_error",
         402: "billing_error",
@@ -173,6 +261,8 @@ class _Anthropic(Dialect):
         504: "timeout_error",
         529: "overloaded_error",
     }
+    client_error_kind = "invalid_request_error"
+    server_error_kind = "api_error"
 
     def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
         return [
@@ -186,12 +276,9 @@ class _Anthropic(Dialect):
         ]
 
     def error_body(self, call: Call, status: int, message: str, code: str | None) -> Any:
-        kind = code or self._types.get(
-            status, "api_error" if status >= 500 else "invalid_request_error"
-        )
         return {
             "type": "error",
-            "error": {"type": kind, "message": message},
+            "error": {"type": code or self.error_kind(status), "message": message},
             "request_id": call.ident("req_"),
         }
 
@@ -201,23 +288,34 @@ class _Anthropic(Dialect):
             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
         )
 
+    def api_key(self, call: Call) -> str | None:
+        key = _header_text(call.request, b"x-api-key")
+        return key if key is not None else _bearer(call.request)
+
+    def no_key(self, call: Call) -> Reply:
+        return self.error(call, 401, "x-api-key header is required")
+
+    def wrong_key(self, call: Call, key: str) -> Reply:
+        return self.error(call, 401, "invalid x-api-key")
+
+    def not_found(self, call: Call) -> Reply:
+        return self.error(call, 404, "Not Found")
+
     def check_auth(self, call: Call) -> Reply | None:
-        if call.require_auth:
-            header = call.request.header(b"x-api-key")
-            key = header.decode("latin-1").strip() if header else _bearer(call.request)
-            if not key:
-                return self.error(call, 401, "x-api-key header is required")
-            if key.startswith("invalid"):
-                return self.error(call, 401, "invalid x-api-key")
-        if call.request.header(b"anthropic-version") is None:
+        """
+        Credentials as for any provider, then the C{anthropic-version}
+        header, which the API requires even where it takes no key.
+        """
+        refused = super().check_auth(call)
+        if refused is None and call.request.header(b"anthropic-version") is None:
             return self.error(call, 400, "anthropic-version: header is required")
-        return None
+        return refused
 
 
 class _Gemini(Dialect):
     json_type = b"application/json; charset=UTF-8"
     sse_type = b"text/event-stream"
-    _statuses = {
+    error_kinds = {
         400: "INVALID_ARGUMENT",
         401: "UNAUTHENTICATED",
         403: "PERMISSION_DENIED",
@@ -230,6 +328,8 @@ class _Gemini(Dialect):
         503: "UNAVAILABLE",
         504: "DEADLINE_EXCEEDED",
     }
+    client_error_kind = "FAILED_PRECONDITION"
+    server_error_kind = "INTERNAL"
 
     def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
         return [
@@ -243,9 +343,7 @@ class _Gemini(Dialect):
         error: dict[str, Any] = {
             "code": status,
             "message": message,
-            "status": self._statuses.get(
-                status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"
-            ),
+            "status": self.error_kind(status),
         }
         if code is not None:
             error["details"] = [
@@ -262,26 +360,26 @@ class _Gemini(Dialect):
             self.error_body(call, 500, "An internal error has occurred.", None), b"\r\n\r\n"
         )
 
-    def check_auth(self, call: Call) -> Reply | None:
-        if not call.require_auth:
-            return None
-        header = call.request.header(b"x-goog-api-key")
-        key = call.query.get("key") or (header.decode("latin-1").strip() if header else None)
-        if not key:
-            key = _bearer(call.request)
-        if not key:
-            return self.error(
-                call,
-                403,
-                "Method doesn't allow unregistered callers (callers without established "
-                "identity). Please use API Key or other form of API consumer identity to "
-                "call this API.",
-            )
-        if key.startswith("invalid"):
-            return self.error(
-                call, 400, "API key not valid. Please pass a valid API key.", "API_KEY_INVALID"
-            )
-        return None
+    def api_key(self, call: Call) -> str | None:
+        key = call.query.get("key") or _header_text(call.request, b"x-goog-api-key")
+        return key or _bearer(call.request)
+
+    def no_key(self, call: Call) -> Reply:
+        return self.error(
+            call,
+            403,
+            "Method doesn't allow unregistered callers (callers without established "
+            "identity). Please use API Key or other form of API consumer identity to "
+            "call this API.",
+        )
+
+    def wrong_key(self, call: Call, key: str) -> Reply:
+        return self.error(
+            call, 400, "API key not valid. Please pass a valid API key.", "API_KEY_INVALID"
+        )
+
+    def not_found(self, call: Call) -> Reply:
+        return self.error(call, 404, "The requested URL was not found on this server.")
 
 
 OPENAI = _OpenAI()

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.testing.fake_upstream.call import Call, Reply, dumps, sse_data
+from llmproxy.testing.fake_upstream.call import Call, Reply, sse_data
 from llmproxy.testing.fake_upstream.dialects import GEMINI
 from llmproxy.testing.fake_upstream.text import (
     EMBEDDING_DIMENSIONS,
@@ -157,7 +157,7 @@ def generate_content(call: Call) -> Reply:
     def array() -> Iterator[bytes]:
         separator = b"["
         for value in responses():
-            yield separator + dumps(value)
+            yield separator + orjson.dumps(value)
             separator = b",\r\n"
         yield b"]" if separator != b"[" else b"[]"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, cast
 
-import orjson
 from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorTime
@@ -21,18 +20,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from llmproxy.testing.fake_upstream.call import Call, Handler, Reply
-from llmproxy.testing.fake_upstream.dialects import Dialect
-from llmproxy.testing.fake_upstream.knobs import (
-    KnobError,
-    Knobs,
-    accepts_gzip,
-    collect_knobs,
-    parse_knobs,
-)
+from llmproxy.testing.fake_upstream.knobs import accepts_gzip
 from llmproxy.testing.fake_upstream.records import ClientDisconnect, ReceivedRequest
 from llmproxy.testing.fake_upstream.responder import Responder, WebRequest
-from llmproxy.testing.fake_upstream.routes import not_found, parse_query, route
+from llmproxy.testing.fake_upstream.routes import answer
 
 
 class _RecordingRequest(Request):
@@ -272,73 +263,24 @@ class FakeUpstream:
 
     def _handle(self, request: Request) -> None:
         received = self._record(request)
-        query = parse_query(received.query)
-        dialect, handler, params = route(received, query)
-        call = Call(
-            knobs=Knobs(),
-            request=received,
+        knobs, reply = answer(
+            received,
+            self.defaults,
+            self.require_auth,
             serial=next(self._serial),
             now=int(self.clock.seconds()),
-            query=query,
-            params=params,
-            require_auth=self.require_auth,
         )
-        reply: Reply | None = None
-        knobs = call.knobs
-        try:
-            knobs = parse_knobs(collect_knobs(received.headers, self.defaults))
-        except KnobError as error:
-            reply = dialect.error(call, 400, str(error))
-        else:
-            call = Call(
-                knobs=knobs,
-                request=received,
-                serial=call.serial,
-                now=call.now,
-                query=query,
-                params=params,
-                require_auth=self.require_auth,
-            )
-            if knobs.status is not None:
-                reply = dialect.error(call, knobs.status, knobs.error_message)
-            else:
-                reply = dialect.check_auth(call)
-            if reply is None:
-                if handler is None:
-                    reply = not_found(dialect, call)
-                else:
-                    reply = self._dispatch(dialect, handler, call)
         Responder(
             self,
             cast(WebRequest, request),
             received,
-            call.knobs,
+            knobs,
             reply,
-            gzip=call.knobs.gzip and accepts_gzip(received.headers),
+            gzip=knobs.gzip and accepts_gzip(received.headers),
         ).start()
         # Last, so a waiter resuming synchronously sees the response under way.
         if self.record_requests:
             self._requests.put(received)
-
-    def _dispatch(self, dialect: Dialect, handler: Handler, call: Call) -> Reply:
-        if call.request.method == b"POST":
-            try:
-                body = orjson.loads(call.request.body) if call.request.body else None
-            except orjson.JSONDecodeError:
-                return dialect.error(call, 400, "We could not parse the JSON body of your request.")
-            if not isinstance(body, dict):
-                return dialect.error(call, 400, "The request body must be a JSON object.")
-            call = Call(
-                knobs=call.knobs,
-                request=call.request,
-                serial=call.serial,
-                now=call.now,
-                query=call.query,
-                params=call.params,
-                body=body,
-                require_auth=call.require_auth,
-            )
-        return handler(call)
 
 
 @implementer(IListeningPort)
