@@ -12,7 +12,7 @@ SDK cannot parse is a bug here.
 Use
 ===
 
-In a test, on the reactor or in memory::
+In a test over loopback TCP::
 
     fake = FakeUpstream(clock)
     port = yield listen(fake, reactor)          # an IListeningPort
@@ -20,8 +20,27 @@ In a test, on the reactor or in memory::
     ...
     received = yield fake.wait_for_request()
 
-or mount C{fake.resource()} (routing only) or C{fake.site()} (a L{Site} that
-also records raw header order and tracks connections) yourself.
+In memory, with no socket and nothing on the global reactor, as the code
+under test's L{IAgent <twisted.web.iweb.IAgent>}::
+
+    clock = Clock()
+    fake = FakeUpstream(clock)
+    agent = RequestTraversalAgent(fake.resource())   # from treq.testing
+    d = agent.request(b"POST", b"http://fake/v1/chat/completions", headers, body)
+    clock.advance(0.1)                               # fire the fake's timers
+    agent.flush()                                    # deliver what they wrote
+
+Every delay and stream timer is set on C{clock}, so streams, hangs and
+stalls move only when the test advances it, and a client that gives up
+(C{transport.stopProducing()} on the response's protocol, then C{flush()})
+shows in C{connection_lost_events}.  The request body needs a producer that
+writes at once, like the proxy's own L{llmproxy.forward.BytesProducer}:
+treq's default one runs on the global reactor's cooperator.
+C{StubTreq(fake.resource())} wraps the same agent with such a producer.
+
+C{fake.site()} is a L{Site} that also records raw header order and tracks
+connections, for mounting on any transport (its own timers also use
+C{clock}).
 
 What a test can observe: C{fake.received} (every L{ReceivedRequest}: raw
 URI, raw header lines, body), C{wait_for_request()} (each request handed to

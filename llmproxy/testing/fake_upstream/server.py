@@ -164,7 +164,11 @@ class FakeUpstream:
 
     def resource(self) -> IResource:
         """
-        The fake as a leaf resource: mount it anywhere.
+        The fake as a leaf resource: mount it anywhere, for instance behind
+        treq's C{RequestTraversalAgent} for tests in memory.  Its timers run
+        on C{clock}; request headers are recorded from Twisted's L{Headers}
+        (canonical names, grouped), and L{disconnect_all} does not see the
+        connections.
         """
         return self._resource
 
