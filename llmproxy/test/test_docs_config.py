@@ -1,20 +1,23 @@
+# -*- test-case-name: llmproxy.test.test_docs_config -*-
 """
-README.md's configuration reference agrees with L{llmproxy.config}: the key
-table is exactly what L{render_reference_table} produces, and the example
-error messages are the ones the loader prints.
+The manual's configuration page (C{docs/configuration.md}) agrees with
+L{llmproxy.config}: the key table is exactly what L{render_reference_table}
+produces, and the example error messages are the ones the loader prints.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import llmproxy
 from llmproxy.config import ConfigError, load_config, render_reference_table
 
-README = os.path.join(os.path.dirname(llmproxy.__file__), "..", "README.md")
+ROOT = Path(llmproxy.__file__).resolve().parent.parent
+CONFIGURATION_PAGE = ROOT / "docs" / "configuration.md"
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -26,29 +29,25 @@ def _between(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-class ReadmeConfigReferenceTests(SynchronousTestCase):
+class ConfigurationPageTests(SynchronousTestCase):
     def setUp(self) -> None:
-        with open(README, encoding="utf-8") as stream:
-            self.section = _between(
-                stream.read(),
-                "<!-- section:config-reference:start -->\n",
-                "<!-- section:config-reference:end -->",
-            )
+        self.page = CONFIGURATION_PAGE.read_text(encoding="utf-8")
 
     def test_table_is_generated(self) -> None:
         """
         The table between the C{config-table} markers is the output of
         L{render_reference_table}, byte for byte.
         """
-        table = _between(self.section, "<!-- config-table:start -->\n", "<!-- config-table:end -->")
+        table = _between(self.page, "<!-- config-table:start -->\n", "<!-- config-table:end -->")
         self.assertEqual(table, render_reference_table())
 
     def test_example_errors(self) -> None:
         """
-        The example messages are what loading such a file prints.
+        The example messages, in the C{text} block after the
+        C{config-errors} marker, are what loading such a file prints.
         """
-        block = re.search(r"```text\n(.*?)```", self.section, re.DOTALL)
-        assert block is not None
+        block = re.search(r"<!-- config-errors -->\n```text\n(.*?)```", self.page, re.DOTALL)
+        assert block is not None, "no <!-- config-errors --> text block"
         expected = block.group(1).splitlines()
         directory = self.mktemp()
         os.makedirs(os.path.join(directory, "configs"))
