@@ -1,6 +1,6 @@
 """
 How close the rate limiter's input-token estimate comes to real token
-counts: the table under "Estimation accuracy" in the README.
+counts: the table under "Estimation accuracy" in docs/rate-limiting.md.
 
 For each sample prompt (short chat, long chat, system prompt + tools,
 multi-turn, code, Japanese), in each provider's own wire format, the

@@ -6,7 +6,7 @@ The Prometheus metrics registry and the C{/metrics} resource.
 
 Call sites stay one line: the forwarder reports an event (a request
 finished, a stream opened, an upstream failed) and L{Metrics} turns it into
-the SPEC §7 series.
+the series listed in docs/operations.md ("Metrics").
 
 Label values are bounded so a scrape stays small whatever clients send:
 model names come from responses and are capped per provider, rate-limit

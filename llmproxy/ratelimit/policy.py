@@ -111,8 +111,9 @@ class Denial:
     """
     Why a request was refused, in the terms of the 429 headers.
 
-    @ivar scope: the first exhausted scope in SPEC order (C{global},
-        C{provider:<name>}, C{model:<model>}, C{key:<key id>}, C{user:<user>}).
+    @ivar scope: the first exhausted scope in check order (C{global},
+        C{provider:<name>}, C{model:<model>}, C{key:<key id>}, C{user:<user>};
+        see docs/rate-limiting.md).
     @ivar metric: C{requests} or C{tokens}.
     @ivar window: C{minute} or C{day}.
     @ivar limit: the limit of that scope, window and metric.
@@ -255,7 +256,8 @@ def _window_limits(limits: Limits, window: Window) -> tuple[int, int]:
 
 def scopes(config: RateLimitConfig, request: LimitRequest) -> list[tuple[str, Limits]]:
     """
-    The scopes a request is counted in, in SPEC order, with their limits.
+    The scopes a request is counted in, in check order (C{global},
+    C{provider}, C{model}, C{key}, C{user}), with their limits.
     """
     overrides = config.overrides
     base = config.limits

@@ -40,8 +40,9 @@ def price(
     reasoning: float | None = None,
 ) -> Price:
     """
-    A L{Price} with the SPEC's defaults for the optional kinds, as the
-    config loader fills them in.
+    A L{Price} with the documented defaults for the optional kinds
+    (C{cache_read} and C{cache_write} = C{input}, C{reasoning} = C{output}),
+    as the config loader fills them in.
     """
     return Price(
         input=input,
@@ -114,7 +115,8 @@ BOOK = book(
 
 class CostTests(SynchronousTestCase):
     """
-    L{PriceBook.cost} applies the right price with the SPEC §5 formula.
+    L{PriceBook.cost} applies the right price with the cost formula of
+    docs/cost-tracking.md ("Pricing rules").
     """
 
     def assertCost(
@@ -494,15 +496,15 @@ FIELDS = [
     "duration_ms",
     "ttfb_ms",
 ]
-"""SPEC §5, in order."""
+"""The cost record's fields, in the order docs/cost-tracking.md lists them."""
 
 NOW = 1735787045.678  # 2025-01-02T03:04:05.678Z
 
 
 class CostRecordTests(SynchronousTestCase):
     """
-    L{make_record} and L{llmproxy.records.CostRecord.to_json} produce the SPEC's
-    record.
+    L{make_record} and L{llmproxy.records.CostRecord.to_json} produce the
+    documented cost record.
     """
 
     usage = Usage(

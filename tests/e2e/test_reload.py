@@ -1,8 +1,8 @@
 """
-SIGHUP reload of the real daemon (SPEC section 2): a valid change applies to
-the next request, an invalid file changes nothing and is logged with its key
-path, and a stream open across the reload completes on the configuration it
-started with.
+SIGHUP reload of the real daemon (docs/configuration.md, "Reloading"): a
+valid change applies to the next request, an invalid file changes nothing and
+is logged with its key path, and a stream open across the reload completes on
+the configuration it started with.
 """
 
 from __future__ import annotations
