@@ -2,7 +2,7 @@
 """
 The configuration reference: every key, its default and its meaning.
 
-README.md's configuration reference is the table L{render_reference_table}
+docs/configuration.md's reference is the table L{render_reference_table}
 prints (a test keeps the two equal); defaults are read from
 L{llmproxy.config.model} so the table cannot drift from the code.
 """
@@ -216,8 +216,8 @@ def reference_keys() -> list[tuple[str, str, str]]:
 
 def render_reference_table() -> str:
     """
-    The Markdown table of L{reference_keys} that README.md's configuration
-    reference holds verbatim (a test keeps the two equal).
+    The Markdown table of L{reference_keys} that docs/configuration.md
+    holds verbatim (a test keeps the two equal).
     """
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, meaning in reference_keys():

@@ -24,7 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from llmproxy.forward import BytesProducer
+from llmproxy.attempt import BytesProducer
 from llmproxy.testing.fake_upstream import FakeUpstream, fake_text
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}

@@ -34,7 +34,7 @@ Every delay and stream timer is set on C{clock}, so streams, hangs and
 stalls move only when the test advances it, and a client that gives up
 (C{transport.stopProducing()} on the response's protocol, then C{flush()})
 shows in C{connection_lost_events}.  The request body needs a producer that
-writes at once, like the proxy's own L{llmproxy.forward.BytesProducer}:
+writes at once, like the proxy's own L{llmproxy.attempt.BytesProducer}:
 treq's default one runs on the global reactor's cooperator.
 C{StubTreq(fake.resource())} wraps the same agent with such a producer.
 
