@@ -45,6 +45,19 @@ def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, P
     }
 
 
+@inlineCallbacks
+def serve_fake(test: TestCase, fake: FakeUpstream) -> Any:
+    """
+    Serve C{fake} on a free loopback port until C{test} ends.
+
+    @return: a Deferred that fires with the fake's base URL,
+        C{http://127.0.0.1:<port>}.
+    """
+    port = yield listen(fake, reactor)
+    test.addCleanup(port.stopListening)
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
 class ProxyTestCase(TestCase):
     """
     A trial TestCase with a fake upstream and a proxy running in-process on
@@ -63,10 +76,8 @@ class ProxyTestCase(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.fake = FakeUpstream(reactor)
-        port = yield listen(self.fake, reactor)
-        self.addCleanup(port.stopListening)
-        self.upstream_port = port.getHost().port
-        self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
+        self.upstream_url: str = yield serve_fake(self, self.fake)
+        self.upstream_port = int(self.upstream_url.rpartition(":")[2])
         yield self.start_proxy(self.config(self.upstream_url))
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
