@@ -4,8 +4,10 @@ sockets, the fake upstream's usage knobs, the shipped price table
 (C{configs/base.yml}), and the JSON Lines file the cost sink writes.
 
 Every expected cost below is worked out by hand from base.yml's prices
-(USD per 1M tokens) and SPEC 5's formula, not computed by the code under
-test.
+(USD per 1M tokens), not computed by the code under test: input tokens not
+read from or written to the cache at the input price, cache reads and cache
+writes at their own prices, output tokens (reasoning included) at the
+output price.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_YML = REPO_ROOT / "configs" / "base.yml"
 
 RECORD_FIELDS = FIELDS
-"""SPEC 5's record fields, in the SPEC's order."""
+"""A cost record's fields, in the order they are written."""
 
 TOTAL = 10_000
 CONCURRENCY = 50
@@ -190,8 +192,9 @@ class MeteringTestCase(ProxyTestCase):
 
     def assert_record(self, record: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
         """
-        C{record} has exactly SPEC 5's fields in order, with the right
-        types, and the values in C{expected} (costs to 1e-9 USD).
+        C{record} has exactly a cost record's fields (L{RECORD_FIELDS}) in
+        order, with the right types, and the values in C{expected} (costs to
+        1e-9 USD).
         """
         self.assertEqual(list(record), RECORD_FIELDS)
         self.assertRegex(record["timestamp"], RFC3339)
@@ -238,7 +241,7 @@ class RecordTests(MeteringTestCase):
     def test_one_record_per_request_with_every_field(self) -> Any:
         """
         OpenAI chat JSON and SSE, Anthropic messages SSE (tiered price) and
-        Gemini SSE (tiered, thoughts): one record each, every SPEC field,
+        Gemini SSE (tiered, thoughts): one record each, with every field,
         exact tokens and costs from base.yml's prices.
         """
         key_id = identity.key_id(OPENAI_KEY)

@@ -75,7 +75,8 @@ class RequestsPerMinuteTests(LimitTestCase):
         """
         With C{requests_per_minute: 3}, three requests pass with
         C{X-RateLimit-Limit} / C{-Remaining}; the fourth is a 429 in the
-        provider's error shape with every SPEC header and CORS; the official
+        provider's error shape with every rate-limit header (C{Retry-After},
+        C{X-RateLimit-*}, C{X-LLM-Proxy-Error-Source}) and CORS; the official
         OpenAI and Anthropic SDKs raise C{RateLimitError} with our message.
         """
         for remaining in (2, 1, 0):

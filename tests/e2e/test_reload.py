@@ -1,7 +1,7 @@
 """
-SIGHUP reload of the real daemon (SPEC section 2): a valid change applies to
-the next request, an invalid file changes nothing and is logged with its key
-path, and a stream open across the reload completes on the configuration it
+SIGHUP reload of the real daemon: a valid change applies to the next
+request, an invalid file changes nothing and is logged with its key path,
+and a stream open across the reload completes on the configuration it
 started with.
 """
 
