@@ -1,7 +1,7 @@
 """
 Shared pieces of the end-to-end suites: a proxy and a fake upstream, both on
-real loopback sockets in this process, and clients that can see chunks,
-timing and raw bytes.
+real loopback sockets in this process, clients that can see chunks, timing
+and raw bytes, and the requests the suites send.
 """
 
 from __future__ import annotations
@@ -25,6 +25,22 @@ from llmproxy.tap import build_service
 from llmproxy.testing.fake_upstream import FakeUpstream, listen
 
 reactor: Any = _reactor
+
+OPENAI_KEY = b"sk-test-1"
+OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
+ANTHROPIC_HEADERS = {
+    b"content-type": b"application/json",
+    b"x-api-key": b"sk-ant-test",
+    b"anthropic-version": b"2023-06-01",
+}
+GEMINI_HEADERS = {b"content-type": b"application/json", b"x-goog-api-key": b"AIza-test"}
+
+CHAT_PATH = b"/openai/v1/chat/completions"
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
+GEMINI_BODY = b'{"contents":[{"role":"user","parts":[{"text":"Say hi"}]}]}'
+
+RawHeaders = Mapping[bytes, bytes] | Sequence[tuple[bytes, bytes]]
+"""Request headers for L{raw_request}: a mapping, or pairs to repeat a name."""
 
 
 def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, ProviderConfig]:
@@ -100,6 +116,17 @@ class ProxyTestCase(TestCase):
     def with_config(self, **changes: Any) -> Config:
         return attrs.evolve(self.config(self.upstream_url), **changes)
 
+    @inlineCallbacks
+    def post(self, path: bytes, headers: RawHeaders, body: bytes) -> Any:
+        """
+        POST C{body} to the proxy on a connection of its own.
+
+        @return: a Deferred that fires with the status, the headers and the
+            (de-chunked) body, as L{split_response} gives them.
+        """
+        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
+        return split_response(client.received)
+
 
 @attrs.define
 class Chunk:
@@ -144,7 +171,7 @@ class RawClient(Protocol):
 def raw_request(
     method: bytes,
     target: bytes,
-    headers: Mapping[bytes, bytes] | Sequence[tuple[bytes, bytes]] | None = None,
+    headers: RawHeaders | None = None,
     body: bytes = b"",
     host: bytes = b"localhost",
 ) -> bytes:

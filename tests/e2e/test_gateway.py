@@ -51,10 +51,7 @@ class HealthTests(ProxyTestCase):
     def test_degraded_after_failures_and_counters(self) -> Any:
         headers = {b"authorization": b"Bearer k", b"x-fake-status": b"500"}
         for _ in range(5):
-            yield raw_exchange(
-                self.proxy_port,
-                raw_request(b"POST", b"/openai/v1/chat/completions", headers, b"{}"),
-            )
+            yield self.post(b"/openai/v1/chat/completions", headers, b"{}")
         client = yield raw_exchange(self.proxy_port, raw_request(b"GET", b"/health"))
         openai = orjson.loads(split_response(client.received)[2])["providers"]["openai"]
         self.assertEqual(openai["status"], "degraded")

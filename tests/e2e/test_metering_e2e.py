@@ -37,12 +37,16 @@ from llmproxy.test.test_metering import FIELDS
 from llmproxy.testing.fake_upstream import FakeUpstream, listen
 from llmproxy.testing.proxy_process import ProxyProcess
 from tests.e2e.harness import (
+    ANTHROPIC_HEADERS,
+    CHAT_PATH,
+    GEMINI_BODY,
+    GEMINI_HEADERS,
+    OPENAI_HEADERS,
+    OPENAI_KEY,
     ProxyTestCase,
     RawClient,
-    raw_exchange,
     raw_request,
     reactor,
-    split_response,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,16 +60,6 @@ CONCURRENCY = 50
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
-OPENAI_KEY = b"sk-test-1"
-OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
-ANTHROPIC_HEADERS = {
-    b"content-type": b"application/json",
-    b"x-api-key": b"sk-ant-test",
-    b"anthropic-version": b"2023-06-01",
-}
-GEMINI_HEADERS = {b"content-type": b"application/json", b"x-goog-api-key": b"AIza-test"}
-
-CHAT_PATH = b"/openai/v1/chat/completions"
 MESSAGES_PATH = b"/anthropic/v1/messages"
 GEMINI_SSE_PATH = b"/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
 
@@ -88,9 +82,6 @@ def messages(model: str, stream: bool = True) -> bytes:
             "messages": [{"role": "user", "content": "Say hi"}],
         }
     )
-
-
-GEMINI_BODY = b'{"contents":[{"role":"user","parts":[{"text":"Say hi"}]}]}'
 
 
 def knobs(**values: int | str) -> dict[bytes, bytes]:
@@ -180,15 +171,6 @@ class MeteringTestCase(ProxyTestCase):
         self.directory = os.path.abspath(self.mktemp())
         self.cost_path = os.path.join(self.directory, "cost.jsonl")
         return priced_config(self.directory, upstream_base, self.extra_features)
-
-    @inlineCallbacks
-    def post(self, path: bytes, headers: Mapping[bytes, bytes], body: bytes) -> Any:
-        """
-        One request on its own connection; returns status, headers and the
-        (de-chunked) body.
-        """
-        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
-        return split_response(client.received)
 
     def assert_record(self, record: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
         """
