@@ -1,11 +1,13 @@
 """
 Shared pieces of the end-to-end suites: a proxy and a fake upstream, both on
 real loopback sockets in this process, clients that can see chunks, timing
-and raw bytes, and the requests the suites send.
+and raw bytes, the requests the suites send, and configuration files for
+the real daemon.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -231,3 +233,32 @@ def dechunk(data: bytes) -> bytes:
         parts.append(data[start : start + size])
         position = start + size + 2
     return b"".join(parts)
+
+
+def temp_directory(test: TestCase) -> str:
+    """
+    A new, empty directory of C{test}'s, as an absolute path.
+    """
+    directory: str = os.path.abspath(test.mktemp())
+    os.makedirs(directory)
+    return directory
+
+
+def write_config(test: TestCase, text: str) -> str:
+    """
+    Write C{text} to C{config.yml} in a new directory of C{test}'s.
+
+    @return: the file's absolute path.
+    """
+    path = os.path.join(temp_directory(test), "config.yml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def providers_yaml(base_url: str, names: Sequence[str] = ("openai", "anthropic", "gemini")) -> str:
+    """
+    The C{providers:} section of a configuration that sends each provider
+    in C{names} to C{base_url}.
+    """
+    return "providers:\n" + "".join(f"  {name}:\n    base_url: {base_url}\n" for name in names)

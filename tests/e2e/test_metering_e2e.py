@@ -34,7 +34,7 @@ from twisted.web.http_headers import Headers
 from llmproxy import identity
 from llmproxy.config import Config, load_config
 from llmproxy.test.test_metering import FIELDS
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
 from tests.e2e.harness import (
     ANTHROPIC_HEADERS,
@@ -45,8 +45,12 @@ from tests.e2e.harness import (
     OPENAI_KEY,
     ProxyTestCase,
     RawClient,
+    providers_yaml,
     raw_request,
     reactor,
+    serve_fake,
+    temp_directory,
+    write_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -718,23 +722,18 @@ class SigtermFlushTests(TestCase):
         fake = FakeUpstream(reactor)
         fake.record_requests = False
         fake.record_bodies = False
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        cost_path = os.path.join(directory, "cost.jsonl")
-        config_path = os.path.join(directory, "config.yml")
-        with open(config_path, "w") as f:
-            f.write(
-                f"providers:\n  openai:\n    base_url: http://127.0.0.1:{port.getHost().port}\n"
-                "features:\n"
-                "  cost_tracking:\n"
-                "    enabled: true\n"
-                # Longer than the run: the records wait in the sink's queue
-                # until SIGTERM flushes them.
-                "    flush_interval_seconds: 60\n"
-                f"    transports: [{{type: file, file: {{path: {cost_path}}}}}]\n"
-            )
+        upstream = yield serve_fake(self, fake)
+        cost_path = os.path.join(temp_directory(self), "cost.jsonl")
+        config_path = write_config(
+            self,
+            providers_yaml(upstream, ["openai"]) + "features:\n"
+            "  cost_tracking:\n"
+            "    enabled: true\n"
+            # Longer than the run: the records wait in the sink's queue
+            # until SIGTERM flushes them.
+            "    flush_interval_seconds: 60\n"
+            f"    transports: [{{type: file, file: {{path: {cost_path}}}}}]\n",
+        )
         proc = yield ProxyProcess.start(reactor, [config_path], timeout=30)
         self.addCleanup(proc.stop)
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -801,11 +800,10 @@ class StreamMemoryTests(TestCase):
         """
         fake = FakeUpstream(reactor)
         fake.record_bodies = False
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
+        upstream = yield serve_fake(self, fake)
         directory = os.path.abspath(self.mktemp())
         cost_path = os.path.join(directory, "cost.jsonl")
-        config = priced_config(directory, f"http://127.0.0.1:{port.getHost().port}")
+        config = priced_config(directory, upstream)
         del config  # the file it wrote is what the daemon reads
         proc = yield ProxyProcess.start(
             reactor, [os.path.join(directory, "config.yml")], timeout=30
