@@ -112,6 +112,20 @@ class LiveTestCase(TestCase):
         upstream = yield serve_fake(self, self.fake)
         return write_config(self, providers_yaml(upstream))
 
+    def sdk_options(self, mount: str, api_key: str | None = None) -> dict[str, Any]:
+        """
+        The options of an C{openai} or C{anthropic} client of the proxy:
+        its base URL (the proxy's URL and C{mount}), C{api_key} or else the
+        test's own key, L{SDK_RETRIES} retries and a timeout of
+        L{SDK_TIMEOUT}.
+        """
+        return {
+            "base_url": self.proxy.url + mount,
+            "api_key": api_key or self.key,
+            "max_retries": SDK_RETRIES,
+            "timeout": SDK_TIMEOUT,
+        }
+
     def in_thread(self, function: Callable[[], T]) -> Deferred[T]:
         """
         Run a synchronous SDK call in a worker thread.
