@@ -64,6 +64,7 @@ from bench.stats import (
     ratio,
     rows_table,
 )
+from llmproxy.testing.redis_server import REDIS_SERVER, redis_server_command
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -221,8 +222,7 @@ class Harness:
         A private redis-server on a free port, no persistence.  C{False}
         (and a note) when it is not installed.
         """
-        server = shutil.which("redis-server")
-        if server is None:
+        if REDIS_SERVER is None:
             self.notes.append(
                 "redis-server is not installed: the Redis rate-limiting row of part (e) is "
                 "skipped. Install: apt-get install -y redis-server"
@@ -231,22 +231,7 @@ class Harness:
         port = free_port()
         process = self.procs.start(
             "redis",
-            self.pin.wrap(
-                self.pin.load,
-                [
-                    server,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.tmp),
-                ],
-            ),
+            self.pin.wrap(self.pin.load, redis_server_command(REDIS_SERVER, port, str(self.tmp))),
         )
         wait_for_port(port, time.monotonic() + 10, process)
         self.redis_port = port

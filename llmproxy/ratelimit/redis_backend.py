@@ -169,19 +169,38 @@ return out
 """
 )
 
-RECONCILE = (
+_CORRECTION = (
     _COMMON
     + """
--- ARGV: now, token delta, reservation time, then per key: slot size, slots
-local now, delta, at = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local b = 3 + (i - 1) * 2
-  local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local key = KEYS[i]
-  local k, r, t, lo = refresh(key, math.floor(now / size), count)
-  local kr = math.floor(at / size)
+-- ARGV: now, a token count, the reservation's time, then per key: slot size,
+-- slots.  Refreshes each key, then calls
+-- correct(key, k, r, t, lo, kr, tokens, size, count, now), where kr is the
+-- reservation's slot while it still counts and nil once it does not.
+local function correct_each_key(correct)
+  local now, tokens, at = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+  for i = 1, #KEYS do
+    local b = 3 + (i - 1) * 2
+    local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+    local key = KEYS[i]
+    local k, r, t, lo = refresh(key, math.floor(now / size), count)
+    local kr = math.floor(at / size)
+    if not (lo and kr >= lo and kr <= k) then
+      kr = nil
+    end
+    correct(key, k, r, t, lo, kr, tokens, size, count, now)
+  end
+  return 1
+end
+"""
+)
+
+RECONCILE = (
+    _CORRECTION
+    + """
+-- The token count is the delta: actual tokens minus reserved ones.
+return correct_each_key(function(key, k, r, t, lo, kr, delta, size, count, now)
   local have = nil
-  if lo and kr >= lo and kr <= k then
+  if kr then
     have = tonumber(redis.call('HGET', key, 't' .. kr))
   end
   if delta > 0 then
@@ -201,23 +220,16 @@ for i = 1, #KEYS do
       redis.call('HSET', key, 't', t - given)
     end
   end
-end
-return 1
+end)
 """
 )
 
 RELEASE = (
-    _COMMON
+    _CORRECTION
     + """
--- ARGV: now, reserved tokens, reservation time, then per key: slot size, slots
-local now, tokens, at = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local b = 3 + (i - 1) * 2
-  local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local key = KEYS[i]
-  local k, r, t, lo = refresh(key, math.floor(now / size), count)
-  local kr = math.floor(at / size)
-  if lo and kr >= lo and kr <= k then
+-- The token count is the reserved tokens.
+return correct_each_key(function(key, k, r, t, lo, kr, tokens)
+  if kr then
     local v = redis.call('HMGET', key, 'r' .. kr, 't' .. kr)
     if v[1] then
       local dr = math.min(1, tonumber(v[1]))
@@ -231,8 +243,7 @@ for i = 1, #KEYS do
       redis.call('HSET', key, 'r', r - dr, 't', t - dt)
     end
   end
-end
-return 1
+end)
 """
 )
 

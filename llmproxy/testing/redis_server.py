@@ -29,6 +29,36 @@ def _free_port() -> int:
         return port
 
 
+def redis_server_command(
+    binary: str, port: int, directory: str, password: str | None = None
+) -> list[str]:
+    """
+    The command line of a private C{redis-server}: in the foreground, on
+    127.0.0.1:C{port} only, with no persistence (no snapshots, no
+    append-only file) and C{directory} as its working directory.
+
+    @param password: what clients must C{AUTH} with, if anything.
+    """
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        directory,
+        "--daemonize",
+        "no",
+    ]
+    if password:
+        command += ["--requirepass", password]
+    return command
+
+
 def _encode(*args: str) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -72,23 +102,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def _spawn(self, timeout: float) -> bool:
-        command = [
-            self._binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self._dir,
-            "--daemonize",
-            "no",
-        ]
-        if self.password:
-            command += ["--requirepass", self.password]
+        command = redis_server_command(self._binary, self.port, self._dir, self.password)
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

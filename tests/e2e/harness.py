@@ -1,11 +1,13 @@
 """
 Shared pieces of the end-to-end suites: a proxy and a fake upstream, both on
-real loopback sockets in this process, and clients that can see chunks,
-timing and raw bytes.
+real loopback sockets in this process, clients that can see chunks, timing
+and raw bytes, the requests the suites send, and configuration files for
+the real daemon.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +28,22 @@ from llmproxy.testing.fake_upstream import FakeUpstream, listen
 
 reactor: Any = _reactor
 
+OPENAI_KEY = b"sk-test-1"
+OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
+ANTHROPIC_HEADERS = {
+    b"content-type": b"application/json",
+    b"x-api-key": b"sk-ant-test",
+    b"anthropic-version": b"2023-06-01",
+}
+GEMINI_HEADERS = {b"content-type": b"application/json", b"x-goog-api-key": b"AIza-test"}
+
+CHAT_PATH = b"/openai/v1/chat/completions"
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
+GEMINI_BODY = b'{"contents":[{"role":"user","parts":[{"text":"Say hi"}]}]}'
+
+RawHeaders = Mapping[bytes, bytes] | Sequence[tuple[bytes, bytes]]
+"""Request headers for L{raw_request}: a mapping, or pairs to repeat a name."""
+
 
 def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, ProviderConfig]:
     """
@@ -43,6 +61,19 @@ def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, P
             name="vllm", kind="openai", base_url=base + "/prefix", timeouts=timeouts
         ),
     }
+
+
+@inlineCallbacks
+def serve_fake(test: TestCase, fake: FakeUpstream) -> Any:
+    """
+    Serve C{fake} on a free loopback port until C{test} ends.
+
+    @return: a Deferred that fires with the fake's base URL,
+        C{http://127.0.0.1:<port>}.
+    """
+    port = yield listen(fake, reactor)
+    test.addCleanup(port.stopListening)
+    return f"http://127.0.0.1:{port.getHost().port}"
 
 
 class ProxyTestCase(TestCase):
@@ -63,10 +94,8 @@ class ProxyTestCase(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.fake = FakeUpstream(reactor)
-        port = yield listen(self.fake, reactor)
-        self.addCleanup(port.stopListening)
-        self.upstream_port = port.getHost().port
-        self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
+        self.upstream_url: str = yield serve_fake(self, self.fake)
+        self.upstream_port = int(self.upstream_url.rpartition(":")[2])
         yield self.start_proxy(self.config(self.upstream_url))
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
@@ -88,6 +117,17 @@ class ProxyTestCase(TestCase):
 
     def with_config(self, **changes: Any) -> Config:
         return attrs.evolve(self.config(self.upstream_url), **changes)
+
+    @inlineCallbacks
+    def post(self, path: bytes, headers: RawHeaders, body: bytes) -> Any:
+        """
+        POST C{body} to the proxy on a connection of its own.
+
+        @return: a Deferred that fires with the status, the headers and the
+            (de-chunked) body, as L{split_response} gives them.
+        """
+        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
+        return split_response(client.received)
 
 
 @attrs.define
@@ -133,7 +173,7 @@ class RawClient(Protocol):
 def raw_request(
     method: bytes,
     target: bytes,
-    headers: Mapping[bytes, bytes] | Sequence[tuple[bytes, bytes]] | None = None,
+    headers: RawHeaders | None = None,
     body: bytes = b"",
     host: bytes = b"localhost",
 ) -> bytes:
@@ -193,3 +233,32 @@ def dechunk(data: bytes) -> bytes:
         parts.append(data[start : start + size])
         position = start + size + 2
     return b"".join(parts)
+
+
+def temp_directory(test: TestCase) -> str:
+    """
+    A new, empty directory of C{test}'s, as an absolute path.
+    """
+    directory: str = os.path.abspath(test.mktemp())
+    os.makedirs(directory)
+    return directory
+
+
+def write_config(test: TestCase, text: str) -> str:
+    """
+    Write C{text} to C{config.yml} in a new directory of C{test}'s.
+
+    @return: the file's absolute path.
+    """
+    path = os.path.join(temp_directory(test), "config.yml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def providers_yaml(base_url: str, names: Sequence[str] = ("openai", "anthropic", "gemini")) -> str:
+    """
+    The C{providers:} section of a configuration that sends each provider
+    in C{names} to C{base_url}.
+    """
+    return "providers:\n" + "".join(f"  {name}:\n    base_url: {base_url}\n" for name in names)

@@ -5,7 +5,6 @@ spoken to over loopback sockets.
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -19,9 +18,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
-from tests.e2e.harness import reactor
+from tests.e2e.harness import providers_yaml, reactor, serve_fake, write_config
 
 
 class DaemonTests(TestCase):
@@ -31,14 +30,6 @@ class DaemonTests(TestCase):
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         self.http = HTTPClient(Agent(reactor, pool=pool))
-
-    def write_config(self, text: str) -> str:
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = os.path.join(directory, "config.yml")
-        with open(path, "w") as f:
-            f.write(text)
-        return path
 
     @inlineCallbacks
     def start(self, *config_paths: str, **kwargs: Any) -> Any:
@@ -80,8 +71,8 @@ class DaemonTests(TestCase):
         """
         A config error ends twistd with status 1 and the message, no traceback.
         """
-        path = self.write_config(
-            "features:\n  rate_limiting:\n    limits:\n      requests_per_minute: ten\n"
+        path = write_config(
+            self, "features:\n  rate_limiting:\n    limits:\n      requests_per_minute: ten\n"
         )
         proc = yield ProxyProcess.start(reactor, [path], wait_for_port=False)
         exit_code = yield proc.wait_exit()
@@ -107,12 +98,11 @@ class DaemonTests(TestCase):
         connections are refused while the stream in flight completes; exit 0.
         """
         fake = FakeUpstream(reactor)
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
-        base = f"http://127.0.0.1:{port.getHost().port}"
-        path = self.write_config(
+        upstream = yield serve_fake(self, fake)
+        path = write_config(
+            self,
             "server:\n  shutdown_grace_seconds: 1\n  drain_timeout_seconds: 20\n"
-            f"providers:\n  openai:\n    base_url: {base}\n"
+            + providers_yaml(upstream, ["openai"]),
         )
         proc = yield self.start(path)
         streaming: Deferred[Any] = self.http.post(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -18,6 +19,11 @@ from twisted.web.http_headers import Headers
 
 from llmproxy.config import Timeouts
 from tests.e2e.harness import (
+    ANTHROPIC_HEADERS,
+    CHAT,
+    GEMINI_BODY,
+    GEMINI_HEADERS,
+    OPENAI_HEADERS,
     ProxyTestCase,
     RawClient,
     raw_exchange,
@@ -26,7 +32,6 @@ from tests.e2e.harness import (
     split_response,
 )
 
-CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
 CHAT_STREAM = (
     b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},'
     b'"messages":[{"role":"user","content":"Say hi"}]}'
@@ -38,15 +43,6 @@ MESSAGES_STREAM = (
     b'{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,'
     b'"messages":[{"role":"user","content":"Say hi"}]}'
 )
-GEMINI = b'{"contents":[{"role":"user","parts":[{"text":"Say hi"}]}]}'
-
-OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer sk-test-1"}
-ANTHROPIC_HEADERS = {
-    b"content-type": b"application/json",
-    b"x-api-key": b"sk-ant-test",
-    b"anthropic-version": b"2023-06-01",
-}
-GEMINI_HEADERS = {b"content-type": b"application/json", b"x-goog-api-key": b"AIza-test"}
 
 # (name, proxy path, upstream path, headers, body)
 CASES = [
@@ -71,14 +67,14 @@ CASES = [
         b"/gemini/v1beta/models/gemini-2.5-flash:generateContent",
         b"/v1beta/models/gemini-2.5-flash:generateContent",
         GEMINI_HEADERS,
-        GEMINI,
+        GEMINI_BODY,
     ),
     (
         "gemini-sse",
         b"/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
         b"/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
         GEMINI_HEADERS,
-        GEMINI,
+        GEMINI_BODY,
     ),
     (
         "vllm",
@@ -96,6 +92,25 @@ def _ct(name: str) -> bytes:
     return b"application/json"
 
 
+@inlineCallbacks
+def hanging_upstream_504(
+    test: ProxyTestCase, path: bytes, headers: Mapping[bytes, bytes], body: bytes
+) -> Any:
+    """
+    POST to an upstream that never sends its headers: the proxy answers 504
+    within 3 seconds.
+
+    @return: a Deferred that fires with the 504's headers and body.
+    """
+    started = reactor.seconds()
+    status, response_headers, received = yield test.post(
+        path, {**headers, b"x-fake-hang": b"headers"}, body
+    )
+    test.assertEqual(status, 504, received)
+    test.assertLess(reactor.seconds() - started, 3.0)
+    return response_headers, received
+
+
 class RoundTripTests(ProxyTestCase):
     @inlineCallbacks
     def test_round_trips_identical(self) -> Any:
@@ -105,10 +120,7 @@ class RoundTripTests(ProxyTestCase):
         for byte.
         """
         for name, proxy_path, upstream_path, headers, body in CASES:
-            proxied = yield raw_exchange(
-                self.proxy_port, raw_request(b"POST", proxy_path, headers, body)
-            )
-            status, resp_headers, received = split_response(proxied.received)
+            status, resp_headers, received = yield self.post(proxy_path, headers, body)
             self.assertEqual(status, 200, (name, received))
             self.assertEqual(received, self.fake.last_body_sent, name)
             self.assertNotIn(b"content-encoding", resp_headers, name)
@@ -223,24 +235,18 @@ class ErrorTests(ProxyTestCase):
                 self._gemini_error,
             ),
         ]:
-            client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, CHAT))
-            status, resp_headers, body = split_response(client.received)
+            status, resp_headers, body = yield self.post(path, headers, CHAT)
             self.assertEqual(status, 502, body)
             self.assertEqual(resp_headers[b"x-llm-proxy-error-source"], [b"upstream"])
             check(body, 502)
 
     @inlineCallbacks
     def test_hang_before_headers_504(self) -> Any:
-        headers = {**ANTHROPIC_HEADERS, b"x-fake-hang": b"headers"}
-        started = reactor.seconds()
-        client = yield raw_exchange(
-            self.proxy_port, raw_request(b"POST", b"/anthropic/v1/messages", headers, MESSAGES)
+        resp_headers, body = yield hanging_upstream_504(
+            self, b"/anthropic/v1/messages", ANTHROPIC_HEADERS, MESSAGES
         )
-        status, resp_headers, body = split_response(client.received)
-        self.assertEqual(status, 504, body)
         self.assertEqual(resp_headers[b"x-llm-proxy-error-source"], [b"upstream"])
         self._anthropic_error(body, 504)
-        self.assertLess(reactor.seconds() - started, 3.0)
 
     @inlineCallbacks
     def test_death_mid_stream_error_event(self) -> Any:
@@ -250,13 +256,12 @@ class ErrorTests(ProxyTestCase):
             (
                 b"/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
                 GEMINI_HEADERS,
-                GEMINI,
+                GEMINI_BODY,
                 b'"error"',
             ),
         ]:
             dying = {**headers, b"x-fake-chunks": b"10", b"x-fake-die-after": b"3"}
-            client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, dying, body))
-            status, _, received = split_response(client.received)
+            status, _, received = yield self.post(path, dying, body)
             self.assertEqual(status, 200)
             last_event = received.replace(b"\r\n", b"\n").strip().rsplit(b"\n\n", 1)[-1]
             self.assertIn(marker, last_event.replace(b" ", b""), path)
@@ -268,11 +273,7 @@ class ErrorTests(ProxyTestCase):
     @inlineCallbacks
     def test_idle_stream_error_event(self) -> Any:
         headers = {**OPENAI_HEADERS, b"x-fake-hang": b"body"}
-        client = yield raw_exchange(
-            self.proxy_port,
-            raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT_STREAM),
-        )
-        status, _, received = split_response(client.received)
+        status, _, received = yield self.post(b"/openai/v1/chat/completions", headers, CHAT_STREAM)
         self.assertEqual(status, 200)
         self.assertIn(b"event: error", received)
         self.assertNotIn(b"[DONE]", received)
@@ -308,12 +309,8 @@ class TotalTimeoutTests(ProxyTestCase):
     def test_stream_cut_at_the_total_budget(self) -> Any:
         headers = {**OPENAI_HEADERS, b"x-fake-chunks": b"50", b"x-fake-delay-ms": b"100"}
         started = reactor.seconds()
-        client = yield raw_exchange(
-            self.proxy_port,
-            raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT_STREAM),
-        )
+        status, _, received = yield self.post(b"/openai/v1/chat/completions", headers, CHAT_STREAM)
         elapsed = reactor.seconds() - started
-        status, _, received = split_response(client.received)
         self.assertEqual(status, 200)
         self.assertIn(b"event: error", received)
         self.assertIn(b"total time budget", received)
@@ -324,14 +321,7 @@ class TotalTimeoutTests(ProxyTestCase):
 
     @inlineCallbacks
     def test_headers_late_504(self) -> Any:
-        headers = {**OPENAI_HEADERS, b"x-fake-hang": b"headers"}
-        started = reactor.seconds()
-        client = yield raw_exchange(
-            self.proxy_port, raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT)
-        )
-        status, _, body = split_response(client.received)
-        self.assertEqual(status, 504, body)
-        self.assertLess(reactor.seconds() - started, 3.0)
+        yield hanging_upstream_504(self, b"/openai/v1/chat/completions", OPENAI_HEADERS, CHAT)
 
 
 class HeaderTests(ProxyTestCase):
@@ -349,11 +339,8 @@ class HeaderTests(ProxyTestCase):
             b"Accept-Encoding": b"br",
             b"X-Custom": b"kept",
         }
-        client = yield raw_exchange(
-            self.proxy_port,
-            raw_request(b"POST", b"/anthropic/v1/messages?beta=true", headers, MESSAGES),
-        )
-        self.assertEqual(split_response(client.received)[0], 200)
+        status, _, _ = yield self.post(b"/anthropic/v1/messages?beta=true", headers, MESSAGES)
+        self.assertEqual(status, 200)
         seen = dict((k.lower(), v) for k, v in self.fake.received[-1].headers)
         self.assertEqual(seen[b"x-api-key"], b"sk-ant-test")
         self.assertEqual(seen[b"anthropic-beta"], b"prompt-caching-2024-07-31")
@@ -371,8 +358,8 @@ class HeaderTests(ProxyTestCase):
     def test_query_key_and_alt_sse_kept(self) -> Any:
         path = b"/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIza-q"
         headers = {b"content-type": b"application/json"}
-        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, GEMINI))
-        self.assertEqual(split_response(client.received)[0], 200)
+        status, _, _ = yield self.post(path, headers, GEMINI_BODY)
+        self.assertEqual(status, 200)
         self.assertEqual(self.fake.received[-1].query, b"alt=sse&key=AIza-q")
 
     @inlineCallbacks
@@ -383,10 +370,7 @@ class HeaderTests(ProxyTestCase):
             (b"x-fake-set-cookie", b"b=2"),
             (b"Origin", b"https://app.example"),
         ]
-        client = yield raw_exchange(
-            self.proxy_port, raw_request(b"POST", b"/openai/v1/chat/completions", headers, CHAT)
-        )
-        _, resp_headers, _ = split_response(client.received)
+        _, resp_headers, _ = yield self.post(b"/openai/v1/chat/completions", headers, CHAT)
         self.assertEqual(len(resp_headers[b"set-cookie"]), 2)
         self.assertEqual(resp_headers[b"access-control-allow-origin"], [b"*"])
         self.assertIn(b"x-llm-proxy-request-id", resp_headers)
@@ -404,10 +388,7 @@ class UploadTests(ProxyTestCase):
             b"authorization": b"Bearer sk-test-1",
             b"content-type": b"multipart/form-data; boundary=xyz",
         }
-        client = yield raw_exchange(
-            self.proxy_port, raw_request(b"POST", b"/openai/v1/files", headers, body)
-        )
-        status, resp_headers, _ = split_response(client.received)
+        status, resp_headers, _ = yield self.post(b"/openai/v1/files", headers, body)
         self.assertNotIn(b"x-llm-proxy-error-source", resp_headers)
         self.assertEqual(self.fake.received[-1].body, body)
         self.assertEqual(self.fake.received[-1].path, b"/v1/files")
@@ -542,10 +523,9 @@ class CompressionTests(ProxyTestCase):
         """
         for body in (CHAT, CHAT_STREAM):
             headers = {**OPENAI_HEADERS, b"x-fake-gzip": b"1", b"Accept-Encoding": b"br"}
-            client = yield raw_exchange(
-                self.proxy_port, raw_request(b"POST", b"/openai/v1/chat/completions", headers, body)
+            status, resp_headers, received = yield self.post(
+                b"/openai/v1/chat/completions", headers, body
             )
-            status, resp_headers, received = split_response(client.received)
             self.assertEqual(status, 200)
             sent = self.fake.last_body_sent
             self.assertEqual(sent[:2], b"\x1f\x8b", "the upstream did send gzip")

@@ -5,7 +5,6 @@ logs it writes about requests.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import attrs
@@ -14,9 +13,18 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from llmproxy.config import CorsConfig, ServerConfig
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
-from tests.e2e.harness import ProxyTestCase, raw_exchange, raw_request, reactor, split_response
+from tests.e2e.harness import (
+    ProxyTestCase,
+    providers_yaml,
+    raw_exchange,
+    raw_request,
+    reactor,
+    serve_fake,
+    split_response,
+    write_config,
+)
 
 ORIGIN = {b"Origin": b"https://app.example"}
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -51,10 +59,7 @@ class HealthTests(ProxyTestCase):
     def test_degraded_after_failures_and_counters(self) -> Any:
         headers = {b"authorization": b"Bearer k", b"x-fake-status": b"500"}
         for _ in range(5):
-            yield raw_exchange(
-                self.proxy_port,
-                raw_request(b"POST", b"/openai/v1/chat/completions", headers, b"{}"),
-            )
+            yield self.post(b"/openai/v1/chat/completions", headers, b"{}")
         client = yield raw_exchange(self.proxy_port, raw_request(b"GET", b"/health"))
         openai = orjson.loads(split_response(client.received)[2])["providers"]["openai"]
         self.assertEqual(openai["status"], "degraded")
@@ -131,19 +136,10 @@ class LogTests(TestCase):
         every form (and an upstream error), no credential appears in its output,
         and each request has one access line.
         """
-        fake = FakeUpstream(reactor)
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
-        base = f"http://127.0.0.1:{port.getHost().port}"
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = os.path.join(directory, "c.yml")
-        with open(path, "w") as f:
-            f.write(
-                "logging:\n  format: json\n  level: debug\n"
-                f"providers:\n  openai:\n    base_url: {base}\n"
-                f"  anthropic:\n    base_url: {base}\n  gemini:\n    base_url: {base}\n"
-            )
+        upstream = yield serve_fake(self, FakeUpstream(reactor))
+        path = write_config(
+            self, "logging:\n  format: json\n  level: debug\n" + providers_yaml(upstream)
+        )
         proc = yield ProxyProcess.start(reactor, [path])
         secrets = [
             b"sk-proj-SECRET1abcdefghijklmnop",

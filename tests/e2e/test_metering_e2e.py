@@ -32,15 +32,23 @@ from twisted.web.http_headers import Headers
 from llmproxy import identity
 from llmproxy.config import Config, load_config
 from llmproxy.test.test_metering import FIELDS
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
 from tests.e2e.harness import (
+    ANTHROPIC_HEADERS,
+    CHAT_PATH,
+    GEMINI_BODY,
+    GEMINI_HEADERS,
+    OPENAI_HEADERS,
+    OPENAI_KEY,
     ProxyTestCase,
     RawClient,
-    raw_exchange,
+    providers_yaml,
     raw_request,
     reactor,
-    split_response,
+    serve_fake,
+    temp_directory,
+    write_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,16 +62,6 @@ CONCURRENCY = 50
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
-OPENAI_KEY = b"sk-test-1"
-OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
-ANTHROPIC_HEADERS = {
-    b"content-type": b"application/json",
-    b"x-api-key": b"sk-ant-test",
-    b"anthropic-version": b"2023-06-01",
-}
-GEMINI_HEADERS = {b"content-type": b"application/json", b"x-goog-api-key": b"AIza-test"}
-
-CHAT_PATH = b"/openai/v1/chat/completions"
 MESSAGES_PATH = b"/anthropic/v1/messages"
 GEMINI_SSE_PATH = b"/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
 
@@ -86,9 +84,6 @@ def messages(model: str, stream: bool = True) -> bytes:
             "messages": [{"role": "user", "content": "Say hi"}],
         }
     )
-
-
-GEMINI_BODY = b'{"contents":[{"role":"user","parts":[{"text":"Say hi"}]}]}'
 
 
 def knobs(**values: int | str) -> dict[bytes, bytes]:
@@ -178,15 +173,6 @@ class MeteringTestCase(ProxyTestCase):
         self.directory = os.path.abspath(self.mktemp())
         self.cost_path = os.path.join(self.directory, "cost.jsonl")
         return priced_config(self.directory, upstream_base, self.extra_features)
-
-    @inlineCallbacks
-    def post(self, path: bytes, headers: Mapping[bytes, bytes], body: bytes) -> Any:
-        """
-        One request on its own connection; returns status, headers and the
-        (de-chunked) body.
-        """
-        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
-        return split_response(client.received)
 
     def assert_record(self, record: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
         """
@@ -733,23 +719,18 @@ class SigtermFlushTests(TestCase):
         fake = FakeUpstream(reactor)
         fake.record_requests = False
         fake.record_bodies = False
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        cost_path = os.path.join(directory, "cost.jsonl")
-        config_path = os.path.join(directory, "config.yml")
-        with open(config_path, "w") as f:
-            f.write(
-                f"providers:\n  openai:\n    base_url: http://127.0.0.1:{port.getHost().port}\n"
-                "features:\n"
-                "  cost_tracking:\n"
-                "    enabled: true\n"
-                # Longer than the run: the records wait in the sink's queue
-                # until SIGTERM flushes them.
-                "    flush_interval_seconds: 60\n"
-                f"    transports: [{{type: file, file: {{path: {cost_path}}}}}]\n"
-            )
+        upstream = yield serve_fake(self, fake)
+        cost_path = os.path.join(temp_directory(self), "cost.jsonl")
+        config_path = write_config(
+            self,
+            providers_yaml(upstream, ["openai"]) + "features:\n"
+            "  cost_tracking:\n"
+            "    enabled: true\n"
+            # Longer than the run: the records wait in the sink's queue
+            # until SIGTERM flushes them.
+            "    flush_interval_seconds: 60\n"
+            f"    transports: [{{type: file, file: {{path: {cost_path}}}}}]\n",
+        )
         proc = yield ProxyProcess.start(reactor, [config_path], timeout=30)
         self.addCleanup(proc.stop)
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -816,11 +797,10 @@ class StreamMemoryTests(TestCase):
         """
         fake = FakeUpstream(reactor)
         fake.record_bodies = False
-        port = yield listen(fake, reactor)
-        self.addCleanup(port.stopListening)
+        upstream = yield serve_fake(self, fake)
         directory = os.path.abspath(self.mktemp())
         cost_path = os.path.join(directory, "cost.jsonl")
-        config = priced_config(directory, f"http://127.0.0.1:{port.getHost().port}")
+        config = priced_config(directory, upstream)
         del config  # the file it wrote is what the daemon reads
         proc = yield ProxyProcess.start(
             reactor, [os.path.join(directory, "config.yml")], timeout=30

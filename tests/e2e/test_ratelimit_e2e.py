@@ -19,17 +19,15 @@ from twisted.internet.threads import deferToThread
 from llmproxy import identity
 from llmproxy.config import Config, FeaturesConfig, Limits, RateLimitConfig
 from llmproxy.ratelimit import LimitRequest, MemoryRateLimiter
-from tests.e2e.harness import ProxyTestCase, raw_exchange, raw_request, split_response
+from tests.e2e.harness import (
+    ANTHROPIC_HEADERS,
+    CHAT,
+    CHAT_PATH,
+    OPENAI_HEADERS,
+    OPENAI_KEY,
+    ProxyTestCase,
+)
 
-OPENAI_KEY = b"sk-test-1"
-OPENAI_HEADERS = {b"content-type": b"application/json", b"authorization": b"Bearer " + OPENAI_KEY}
-ANTHROPIC_HEADERS = {
-    b"content-type": b"application/json",
-    b"x-api-key": b"sk-ant-test",
-    b"anthropic-version": b"2023-06-01",
-}
-CHAT_PATH = b"/openai/v1/chat/completions"
-CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
 MESSAGES = (
     b'{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,'
     b'"messages":[{"role":"user","content":"Say hi"}]}'
@@ -56,11 +54,6 @@ class LimitTestCase(ProxyTestCase):
         limiter: object = self.service._state.runtime.limiter
         assert isinstance(limiter, MemoryRateLimiter), limiter
         return limiter
-
-    @inlineCallbacks
-    def post(self, path: bytes, headers: dict[bytes, bytes], body: bytes) -> Any:
-        client = yield raw_exchange(self.proxy_port, raw_request(b"POST", path, headers, body))
-        return split_response(client.received)
 
 
 class RequestsPerMinuteTests(LimitTestCase):

@@ -22,10 +22,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from llmproxy import identity
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
 from llmproxy.testing.redis_server import REDIS_SERVER, REDIS_SERVER_MISSING, RedisServer
-from tests.e2e.harness import reactor
+from tests.e2e.harness import reactor, serve_fake, temp_directory
 
 OPENAI_HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-fleet-1"}
 ANTHROPIC_HEADERS = {
@@ -74,16 +74,13 @@ class FleetTestCase(TestCase):
         self.redis.start()
         self.addCleanup(self.redis.cleanup)
         self.fake = FakeUpstream(reactor)
-        port = yield listen(self.fake, reactor)
-        self.addCleanup(port.stopListening)
-        self.upstream = f"http://127.0.0.1:{port.getHost().port}"
+        self.upstream: str = yield serve_fake(self, self.fake)
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 50
         pool.retryAutomatically = False
         self.addCleanup(pool.closeCachedConnections)
         self.http = HTTPClient(Agent(reactor, pool=pool))
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+        self.directory = temp_directory(self)
 
     def write_config(
         self,

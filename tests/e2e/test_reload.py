@@ -21,10 +21,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from llmproxy.testing.fake_upstream import FakeUpstream, fake_text, listen
+from llmproxy.testing.fake_upstream import FakeUpstream, fake_text
 from llmproxy.testing.proxy_process import ProxyProcess
 from llmproxy.testing.redis_server import REDIS_SERVER, REDIS_SERVER_MISSING, RedisServer
-from tests.e2e.harness import reactor
+from tests.e2e.harness import reactor, serve_fake, temp_directory
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 STREAM = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -67,11 +67,8 @@ class ReloadTests(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.fake = FakeUpstream(reactor)
-        port = yield listen(self.fake, reactor)
-        self.addCleanup(port.stopListening)
-        self.upstream = f"http://127.0.0.1:{port.getHost().port}"
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
+        self.upstream: str = yield serve_fake(self, self.fake)
+        directory = temp_directory(self)
         self.config_path = os.path.join(directory, "config.yml")
         self.costs = os.path.join(directory, "costs.jsonl")
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -31,9 +31,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import REPO_ROOT, ProxyProcess, _Protocol, twistd_command
-from tests.e2e.harness import reactor
+from tests.e2e.harness import providers_yaml, reactor, serve_fake
 
 UNITS = REPO_ROOT / "contrib" / "systemd"
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -402,17 +402,14 @@ class ZeroDropRestartTests(TestCase):
         no connection is refused, no request fails, every stream ends with
         C{[DONE]}, and there is one cost record per request.
         """
-        fake = FakeUpstream(reactor)
-        upstream = yield listen(fake, reactor)
-        self.addCleanup(upstream.stopListening)
+        upstream = yield serve_fake(self, FakeUpstream(reactor))
         directory = short_tempdir(self)
         costs = os.path.join(directory, "costs.jsonl")
         config = os.path.join(directory, "config.yml")
         Path(config).write_text(
             "server:\n  drain_timeout_seconds: 30\n"
-            "providers:\n  openai:\n"
-            f"    base_url: http://127.0.0.1:{upstream.getHost().port}\n"
-            "features:\n  cost_tracking:\n    enabled: true\n    flush_interval_seconds: 1\n"
+            + providers_yaml(upstream, ["openai"])
+            + "features:\n  cost_tracking:\n    enabled: true\n    flush_interval_seconds: 1\n"
             f"    transports:\n      - type: file\n        file: {{path: {costs}}}\n"
         )
 

@@ -24,8 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from llmproxy.testing.fake_upstream import FakeUpstream, listen
+from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.testing.proxy_process import ProxyProcess
+from tests.e2e.harness import providers_yaml, reactor, serve_fake, write_config
 
 T = TypeVar("T")
 
@@ -72,15 +73,6 @@ def api_key(variable: str) -> str:
     return value
 
 
-def reactor() -> Any:
-    """
-    The global reactor, imported once trial has installed it.
-    """
-    from twisted.internet import reactor as installed
-
-    return installed
-
-
 class LiveTestCase(TestCase):
     """
     A real proxy process with no configuration (the providers' public base
@@ -101,14 +93,13 @@ class LiveTestCase(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
         self.key = api_key(self.key_variable) if self.key_variable else ""
-        running = reactor()
-        pool = HTTPConnectionPool(running, persistent=False)
+        pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
-        self.http = HTTPClient(Agent(running, pool=pool))
+        self.http = HTTPClient(Agent(reactor, pool=pool))
         config_paths: list[str] = []
         if against_fake() and self.may_use_fake:
             config_paths.append((yield self.fake_upstream_config()))
-        self.proxy: ProxyProcess = yield ProxyProcess.start(running, config_paths)
+        self.proxy: ProxyProcess = yield ProxyProcess.start(reactor, config_paths)
         self.addCleanup(self.proxy.stop)
 
     @inlineCallbacks
@@ -117,19 +108,23 @@ class LiveTestCase(TestCase):
         Start a fake upstream; return the path of a config that points the
         three providers at it.
         """
-        fake = FakeUpstream(reactor())
-        self.fake = fake
-        port = yield listen(fake, reactor())
-        self.addCleanup(port.stopListening)
-        base = f"http://127.0.0.1:{port.getHost().port}"
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = os.path.join(directory, "fake.yml")
-        with open(path, "w") as f:
-            f.write("providers:\n")
-            for name in ("openai", "anthropic", "gemini"):
-                f.write(f"  {name}:\n    base_url: {base}\n")
-        return path
+        self.fake = FakeUpstream(reactor)
+        upstream = yield serve_fake(self, self.fake)
+        return write_config(self, providers_yaml(upstream))
+
+    def sdk_options(self, mount: str, api_key: str | None = None) -> dict[str, Any]:
+        """
+        The options of an C{openai} or C{anthropic} client of the proxy:
+        its base URL (the proxy's URL and C{mount}), C{api_key} or else the
+        test's own key, L{SDK_RETRIES} retries and a timeout of
+        L{SDK_TIMEOUT}.
+        """
+        return {
+            "base_url": self.proxy.url + mount,
+            "api_key": api_key or self.key,
+            "max_retries": SDK_RETRIES,
+            "timeout": SDK_TIMEOUT,
+        }
 
     def in_thread(self, function: Callable[[], T]) -> Deferred[T]:
         """

@@ -11,7 +11,7 @@ from typing import Any
 import anthropic
 from twisted.internet.defer import Deferred
 
-from tests.live.support import SDK_RETRIES, SDK_TIMEOUT, LiveTestCase, live_model
+from tests.live.support import LiveTestCase, live_model
 
 MODEL = live_model("anthropic", "claude-haiku-4-5")
 BETA = os.environ.get("LLMPROXY_LIVE_ANTHROPIC_BETA", "").strip() or (
@@ -33,12 +33,7 @@ class AnthropicLiveTests(LiveTestCase):
     key_variable = "ANTHROPIC_API_KEY"
 
     def client(self, api_key: str | None = None) -> anthropic.Anthropic:
-        return anthropic.Anthropic(
-            api_key=api_key or self.key,
-            base_url=f"{self.proxy.url}/anthropic",
-            max_retries=SDK_RETRIES,
-            timeout=SDK_TIMEOUT,
-        )
+        return anthropic.Anthropic(**self.sdk_options("/anthropic", api_key))
 
     def test_messages_create(self) -> Deferred[None]:
         def call() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 from twisted.internet.defer import Deferred
 
-from tests.live.support import SDK_RETRIES, SDK_TIMEOUT, LiveTestCase, live_model
+from tests.live.support import LiveTestCase, live_model
 
 MODEL = live_model("openai", "gpt-4o-mini")
 EMBEDDING_MODEL = live_model("openai_embedding", "text-embedding-3-small")
@@ -39,12 +39,7 @@ class OpenAILiveTests(LiveTestCase):
     key_variable = "OPENAI_API_KEY"
 
     def client(self, api_key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(
-            api_key=api_key or self.key,
-            base_url=f"{self.proxy.url}/openai/v1",
-            max_retries=SDK_RETRIES,
-            timeout=SDK_TIMEOUT,
-        )
+        return openai.OpenAI(**self.sdk_options("/openai/v1", api_key))
 
     def test_chat_json(self) -> Deferred[None]:
         def call() -> None:
