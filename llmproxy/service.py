@@ -123,11 +123,14 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # The SIGHUP handler goes in before "listening on" is logged: whoever
+        # waits for that line may reload at once, and SIGHUP's default
+        # action would end the process.
+        if self._reloader is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         addresses = [str(port.getHost()) for port in self.ports]
         for address in addresses:
             log.info("listening on {address}", address=address)
-        if self._reloader is not None:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         # The ports are bound; they accept once the reactor runs (twistd
         # starts services just before running it).
         self._reactor.callWhenRunning(
