@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_accesslog -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 The access log: one line per request, whatever answered it.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_accounting -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Phase four of a proxied request: account.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_admission -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Phase two of a proxied request: admit.
 

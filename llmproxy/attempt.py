@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_attempt -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Phase three of a proxied request: attempt.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_web -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 CORS: the proxy owns it. Preflights are answered here and never
 forwarded, every answer carries the proxy's CORS headers, and an

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_headers -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Which headers cross the proxy: the client's request headers going
 upstream, and the upstream's response headers coming back, less what is

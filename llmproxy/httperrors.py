@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_web -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Answers the proxy makes itself, in the provider's own error format so each
 SDK raises its usual exception.

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_inspection -*-
+# -*- test-case-name: llmproxy.test.test_call,llmproxy.test.test_routes -*-
 """
 Phase one of a proxied request: inspect.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_pricing -*-
+# -*- test-case-name: llmproxy.test.test_metering -*-
 """
 Prices and what a request cost.
 

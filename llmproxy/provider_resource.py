@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_web -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 The provider Resource: where a proxied request leaves the routing and
 becomes a L{Call}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_records -*-
+# -*- test-case-name: llmproxy.test.test_metering -*-
 """
 The cost record: one JSON line per forwarded request, built by the
 accounting phase and written by a cost sink (L{llmproxy.sinks}).

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_attempt -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 Relaying an upstream response body to the client as it arrives.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_runtime -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 What a request needs while it runs, split by lifetime:
 

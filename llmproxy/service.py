@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_service -*-
+# -*- test-case-name: llmproxy.test.test_systemd -*-
 """
 The process's service tree: listening, draining on stop, reloading on
 SIGHUP, telling systemd about each (L{llmproxy.systemd}). Child services

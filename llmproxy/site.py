@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_site -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 The HTTP server side: the L{ProxySite}, its request class (body cap and
 413 before the body is read, absolute-form targets, an access line per

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_web -*-
+# -*- test-case-name: llmproxy.test.test_call -*-
 """
 The HTTP front: the Klein app that answers C{/health} and C{/metrics} and
 hands every other path to the provider it names (through the runtime's

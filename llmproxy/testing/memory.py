@@ -1,0 +1,290 @@
+# -*- test-case-name: llmproxy.test.test_call -*-
+"""
+The whole proxy in memory: its Site, the four phases of the request path
+and the fake upstream, joined by in-memory connections and run on one
+fake clock, for L{SynchronousTestCase}s with no socket and no sleep.
+
+    proxy = MemoryProxy(config)                       # a Config
+    response = proxy.request(b"POST", b"/openai/v1/chat/completions",
+                             {b"authorization": [b"Bearer sk-test"]}, body)
+    proxy.advance(0.5)                                # time passes, bytes flow
+    received = proxy.received(response)               # status, headers, body so far
+
+The client side is a real L{Agent} speaking HTTP/1.1 to the proxy's real
+L{ProxySite}; the proxy's upstream agent speaks HTTP/1.1 to the fake
+upstream's Site. Both connections are L{twisted.test.iosim} pumps that
+L{MemoryProxy.flush} drives until nothing moves. Every timer (the proxy's
+timeouts, the fake's delays) is on L{MemoryProxy.clock}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import URI, Agent, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from llmproxy.attempt import BytesProducer
+from llmproxy.buildinfo import BuildInfo
+from llmproxy.config import Config, ProviderConfig
+from llmproxy.health import HealthBoard
+from llmproxy.metrics import Metrics
+from llmproxy.ratelimit import IRateLimiter, limiter_for
+from llmproxy.records import CostRecord
+from llmproxy.runtime import ProxyState, build_runtime
+from llmproxy.sinks import ICostSink
+from llmproxy.testing.fake_upstream import FakeUpstream
+from llmproxy.web import gateway_site
+
+BUILD = BuildInfo(version="0.0.0", commit=None, built_at=None, python="3", twisted="0")
+"""Build information for proxies in memory (nothing is read from disk)."""
+
+
+@implementer(IAgentEndpointFactory)
+class _MemoryEndpoints:
+    """
+    Endpoints whose connections the memory reactor only records; the
+    L{MemoryAgent} joins each one to its server.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return TCP4ClientEndpoint(self._reactor, "127.0.0.1", uri.port)
+
+
+@implementer(IAgent)
+class MemoryAgent:
+    """
+    An HTTP/1.1 client whose every connection goes, in memory, to one
+    server factory (a Site).
+    """
+
+    def __init__(self, server: Factory[Any], peer_port: int = 40000) -> None:
+        """
+        @param peer_port: the client port the server sees (one per agent,
+            so the proxy's logs can tell its two sides apart).
+        """
+        self._reactor = MemoryReactorClock()
+        self._agent = Agent.usingEndpointFactory(self._reactor, _MemoryEndpoints(self._reactor))
+        self._server = server
+        self._peer_port = peer_port
+        self.pumps: list[iosim.IOPump] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        answer: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        if not self._reactor.tcpClients:
+            return answer
+        _host, port, factory, _timeout, _bind = self._reactor.tcpClients.pop()
+        server_address = IPv4Address("TCP", "127.0.0.1", port)
+        client_address = IPv4Address("TCP", "127.0.0.1", self._peer_port)
+        server = self._server.buildProtocol(client_address)
+        client = factory.buildProtocol(server_address)
+        server_io = iosim.FakeTransport(
+            server, isServer=True, hostAddress=server_address, peerAddress=client_address
+        )
+        client_io = iosim.FakeTransport(
+            client, isServer=False, hostAddress=client_address, peerAddress=server_address
+        )
+        self.pumps.append(iosim.connect(server, server_io, client, client_io, greet=True))
+        return answer
+
+    def pump(self) -> bool:
+        """
+        Move what is waiting on every connection, once; whether anything moved.
+        """
+        moved = False
+        for pump in list(self.pumps):
+            if pump.pump():
+                moved = True
+            if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                self.pumps.remove(pump)
+        return moved
+
+
+@implementer(ICostSink)
+class RecordingCostSink:
+    """
+    A cost sink that keeps every record it is given.
+    """
+
+    wants_records = True
+
+    def __init__(self) -> None:
+        self.records: list[CostRecord] = []
+
+    def write(self, record: CostRecord) -> None:
+        self.records.append(record)
+
+
+@define
+class Received:
+    """
+    What the client has received of one response so far.
+
+    @ivar done: the body ended; C{reason} says how.
+    """
+
+    response: IResponse
+    body: bytearray = field(factory=bytearray)
+    done: bool = False
+    reason: Failure | None = None
+    protocol: Protocol | None = None
+
+    @property
+    def status(self) -> int:
+        code: int = self.response.code
+        return code
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.response.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    @property
+    def complete(self) -> bool:
+        return self.done and self.reason is not None and self.reason.check(ResponseDone) is not None
+
+
+class _Collector(Protocol):
+    def __init__(self, received: Received) -> None:
+        self._received = received
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received.body += data
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._received.done = True
+        self._received.reason = reason
+
+
+class MemoryProxy:
+    """
+    A proxy for one configuration, its fake upstream, and a client, all in
+    memory on L{clock}.
+
+    Every provider's C{base_url} is served by the one L{fake} (it answers
+    each provider's paths under any prefix).
+
+    @ivar clock: the one clock of the proxy and the fake.
+    @ivar fake: the fake upstream.
+    @ivar state: the proxy's process state (metrics, health, sink).
+    @ivar sink: the cost records written.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        limiter: IRateLimiter | None = None,
+        upstream_agent: IAgent | None = None,
+    ) -> None:
+        """
+        @param limiter: the rate limiter; by default the one C{config} asks
+            for (a memory limiter on L{clock}, or none).
+        @param upstream_agent: how the proxy reaches its upstreams; by
+            default an in-memory connection to L{fake}.
+        """
+        self.clock = MemoryReactorClock()
+        self.fake = FakeUpstream(self.clock)
+        self.upstream_link = MemoryAgent(self.fake.site(), peer_port=40001)
+        self.upstream_agent: IAgent = upstream_agent or self.upstream_link
+        if limiter is None:
+            limiter = limiter_for(config.features.rate_limiting, self.clock)
+        runtime = build_runtime(config, self._agent_for, limiter)
+        self.sink = RecordingCostSink()
+        self.state = ProxyState(
+            clock=self.clock,
+            runtime=runtime,
+            metrics=Metrics(),
+            health=HealthBoard(self.clock),
+            sink=self.sink,
+            build=BUILD,
+            started_at=self.clock.seconds(),
+        )
+        self.site = gateway_site(self.state)
+        self.client = MemoryAgent(self.site, peer_port=40000)
+
+    def _agent_for(self, provider: ProviderConfig) -> IAgent:
+        return self.upstream_agent
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Mapping[bytes, Sequence[bytes]] | None = None,
+        body: bytes | None = None,
+    ) -> Deferred[Received]:
+        """
+        Send a request to the proxy; the result fires with a L{Received}
+        once the response headers are in (the body keeps arriving as the
+        test flushes and advances).
+        """
+        producer = BytesProducer(body) if body is not None else None
+        sent = self.client.request(
+            method, b"http://proxy" + path, Headers(dict(headers or {})), producer
+        )
+
+        def collect(response: IResponse) -> Received:
+            received = Received(response)
+            received.protocol = _Collector(received)
+            response.deliverBody(received.protocol)
+            return received
+
+        answer = sent.addCallback(collect)
+        self.flush()
+        return answer
+
+    def flush(self) -> None:
+        """
+        Move bytes between the client, the proxy and the fake until nothing
+        moves (timers due now fire in between).
+        """
+        for _ in range(10_000):
+            self.clock.advance(0)
+            moved = self.client.pump()
+            moved = self.upstream_link.pump() or moved
+            if not moved:
+                return
+        raise RuntimeError("the in-memory network never settled")
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        """
+        Let C{seconds} pass on the clock in steps of at most C{step},
+        flushing after each.
+        """
+        remaining = seconds
+        while remaining > 1e-9:
+            now = min(step, remaining)
+            self.clock.advance(now)
+            remaining -= now
+            self.flush()
+
+    def disconnect(self, received: Received) -> None:
+        """
+        The client gives up on a response whose headers it has.
+        """
+        protocol = received.protocol
+        assert protocol is not None and protocol.transport is not None
+        protocol.transport.stopProducing()  # type: ignore[attr-defined]
+        self.flush()
+
+
+__all__ = ["BUILD", "MemoryAgent", "MemoryProxy", "Received", "RecordingCostSink"]
