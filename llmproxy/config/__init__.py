@@ -14,6 +14,7 @@ from llmproxy.config.load import load_config
 from llmproxy.config.model import (
     PROVIDER_KINDS,
     PUBLIC_BASE_URLS,
+    CircuitBreakerConfig,
     Config,
     CorsConfig,
     CostTrackingConfig,
@@ -31,8 +32,11 @@ from llmproxy.config.model import (
     RateLimitConfig,
     RateLimitOverrides,
     RedisConfig,
+    RetryConfig,
     ServerConfig,
+    StreamGateConfig,
     Timeouts,
+    UpstreamConfig,
 )
 from llmproxy.config.reference import reference_keys, render_reference_table
 from llmproxy.config.validate import (
@@ -48,6 +52,7 @@ __all__ = [
     "PROVIDER_KINDS",
     "PUBLIC_BASE_URLS",
     "RESERVED_PROVIDER_NAMES",
+    "CircuitBreakerConfig",
     "Config",
     "ConfigError",
     "CorsConfig",
@@ -66,8 +71,11 @@ __all__ = [
     "RateLimitConfig",
     "RateLimitOverrides",
     "RedisConfig",
+    "RetryConfig",
     "ServerConfig",
+    "StreamGateConfig",
     "Timeouts",
+    "UpstreamConfig",
     "load_config",
     "parse_config",
     "reference_keys",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from attrs import Factory, frozen
 
@@ -84,14 +85,90 @@ class ModelConfig:
     pricing: ModelPricing | None = None
 
 
+def upstream_name(base_url: str) -> str:
+    """
+    The default name of the upstream at C{base_url}: its host, and its port
+    when the URL gives one.
+    """
+    return urlsplit(base_url).netloc.rpartition("@")[2] or base_url
+
+
+@frozen
+class UpstreamConfig:
+    """
+    One place a provider's requests can go.
+
+    @ivar name: shown in metrics, C{/health}, records and
+        C{X-LLM-Proxy-Upstream}; by default the base URL's host (and port).
+    @ivar base_url: scheme, host, optional port and optional path prefix,
+        without a trailing slash.
+    @ivar weight: its share of traffic among the available upstreams of its
+        priority.
+    @ivar priority: lower goes first; a higher one is used only while every
+        lower one is unavailable or has failed for the request.
+    @ivar headers: request headers set (or replaced) for this upstream: a
+        credential the proxy holds, for example.
+    @ivar models: requested model -> the name this upstream knows it by.
+    """
+
+    name: str
+    base_url: str
+    weight: int = 1
+    priority: int = 0
+    headers: Mapping[str, str] = Factory(dict)
+    models: Mapping[str, str] = Factory(dict)
+
+
+@frozen
+class RetryConfig:
+    """
+    Upstream tries per client request, fallbacks included (1: no retry).
+
+    @ivar backoff_seconds: the first backoff before trying an upstream that
+        has already failed for the request; it doubles each time, with
+        full jitter.
+    @ivar max_wait_seconds: the longest C{Retry-After} worth waiting for.
+    """
+
+    max_attempts: int = 3
+    backoff_seconds: float = 0.25
+    max_wait_seconds: float = 10.0
+
+
+@frozen
+class StreamGateConfig:
+    """
+    How long a stream's opening events are held back, waiting for its first
+    content event (so a failure before it can still be retried); C{0} in
+    either turns the gate off.
+    """
+
+    max_bytes: int = 16384
+    max_seconds: float = 10.0
+
+
+@frozen
+class CircuitBreakerConfig:
+    """
+    C{failures} consecutive failed attempts on one upstream for one model
+    open its circuit for C{cooldown_seconds}.
+    """
+
+    failures: int = 5
+    cooldown_seconds: float = 30.0
+
+
 @frozen
 class ProviderConfig:
     """
-    One mounted provider: requests under C{/<name>/} go to C{base_url}.
+    One mounted provider: requests under C{/<name>/} go to its upstreams.
 
     @ivar kind: the wire format (C{openai}, C{anthropic} or C{gemini}).
-    @ivar base_url: scheme, host, optional port and optional path prefix,
-        without a trailing slash.
+    @ivar base_url: the first upstream's base URL (the one-upstream short
+        form of C{upstreams}).
+    @ivar upstreams: where requests go; by default the one at C{base_url}.
+    @ivar fallback: other mounts of the same kind, tried in order once
+        every upstream of this one is unavailable or has failed.
     """
 
     name: str
@@ -101,6 +178,14 @@ class ProviderConfig:
     timeouts: Timeouts = Factory(Timeouts)
     models: Mapping[str, ModelConfig] = Factory(dict)
     inject_stream_usage: bool = True
+    upstreams: tuple[UpstreamConfig, ...] = Factory(
+        lambda self: (UpstreamConfig(name=upstream_name(self.base_url), base_url=self.base_url),),
+        takes_self=True,
+    )
+    fallback: tuple[str, ...] = ()
+    retry: RetryConfig = Factory(RetryConfig)
+    stream_gate: StreamGateConfig = Factory(StreamGateConfig)
+    circuit_breaker: CircuitBreakerConfig = Factory(CircuitBreakerConfig)
 
 
 @frozen

@@ -14,12 +14,15 @@ promise never to raise live here once.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Mapping
 
+import orjson
 from attrs import evolve, frozen
 
 from llmproxy.providers.meters import Meter, NullMeter, Tally, new_tally
-from llmproxy.providers.wire import decode_path, is_json_type, media_type, parse_json_body
+from llmproxy.providers.wire import decode_path, is_json_type, loads, media_type, parse_json_body
+from llmproxy.sse import Event
 
 GENERATION_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose responses can report usage; C{GET} only re-reads old results."""
@@ -68,6 +71,19 @@ class Inspection:
     facts: RequestFacts
     body: bytes
     strip_usage_chunk: bool = False
+
+
+class StreamEvent(enum.Enum):
+    """
+    What one event of a streamed response is, for the stream gate.
+    """
+
+    PRELUDE = "prelude"
+    """Before any content: it can still be taken back (a retry replaces it)."""
+    CONTENT = "content"
+    """Content (or the stream's normal end): from here on it is the client's."""
+    ERROR = "error"
+    """The provider's own error event."""
 
 
 class ProviderFormat(abc.ABC):
@@ -141,6 +157,31 @@ class ProviderFormat(abc.ABC):
         if media == b"text/event-stream" or is_json_type(media):
             return self.meter_for(facts, tally, media == b"text/event-stream", strip_usage_chunk)
         return NullMeter(tally)
+
+    def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
+        """
+        What an event of a streamed response to C{facts} is; only events
+        before the first content event are asked about. By default every
+        event is content (nothing is held back).
+        """
+        return StreamEvent.CONTENT
+
+    def rename_model(
+        self, facts: RequestFacts, path: bytes, body: bytes, model: str
+    ) -> tuple[bytes, bytes]:
+        """
+        The path and body of the request, naming C{model} instead of the
+        requested one (an upstream that knows the model by another name).
+        By default the JSON body's C{model}.
+        """
+        parsed = loads(body)
+        if not isinstance(parsed, dict) or "model" not in parsed:
+            return path, body
+        parsed["model"] = model
+        try:
+            return path, orjson.dumps(parsed)
+        except (TypeError, ValueError):
+            return path, body
 
     # -- the parts each provider fills in -------------------------------------
 

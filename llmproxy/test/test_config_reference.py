@@ -67,7 +67,7 @@ class ReferenceKeysTests(SynchronousTestCase):
         has and the model represents differently.
         """
         model = _model_keys(Config, "")
-        yaml_only = ("extends", ".pricing.", ".pricing[]", ".transports[]")
+        yaml_only = ("extends", ".pricing.", ".pricing[]", ".transports[]", ".upstreams[]")
         for key, default, meaning in reference_keys():
             self.assertTrue(meaning)
             self.assertTrue(default)

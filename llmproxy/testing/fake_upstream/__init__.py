@@ -139,8 +139,14 @@ loudly.  Durations are in milliseconds on the injected clock.
     provider's own field; see L{FakeUpstream} for the exact mapping.
   - C{x-fake-finish-reason: value}: the finish/stop reason verbatim.
   - C{x-fake-set-cookie: value} (repeatable): a C{Set-Cookie} per value.
+  - C{x-fake-fail-first: N}: the first N requests carrying it (counted
+    per fake) get the error of C{x-fake-status} (503 when not set); later
+    ones are answered normally.  For retries and circuit breakers.
+  - C{x-fake-reset: 1}: drop the connection without any response.
   - C{x-fake-header: Name: value} (repeatable): an extra response header
-    per value (duplicates and hop-by-hop names allowed: they are the point).
+    per value (duplicates and hop-by-hop names allowed: they are the point);
+    it replaces a header of that name the fake would send itself (its
+    rate-limit headers, say).
 Layout
 ======
 

@@ -95,6 +95,7 @@ def answer(
     require_auth: bool,
     serial: int,
     now: int,
+    failed_so_far: int = 0,
 ) -> tuple[Knobs, Reply]:
     """
     The fake's reply to C{request}, and the knobs that say how to write it.
@@ -108,6 +109,8 @@ def answer(
     @param require_auth: whether to check credentials.
     @param serial: this request's number, for its identifiers.
     @param now: the clock's time, in whole seconds.
+    @param failed_so_far: how many earlier requests this fake failed on
+        purpose for C{x-fake-fail-first}.
     """
     query = parse_query(request.query)
     dialect, handler, params = route(request, query)
@@ -125,7 +128,10 @@ def answer(
     except KnobError as error:
         return call.knobs, dialect.error(call, 400, str(error))
     call = evolve(call, knobs=knobs)
-    if knobs.status is not None:
+    if knobs.fail_first is not None:
+        if failed_so_far < knobs.fail_first:
+            return knobs, dialect.error(call, knobs.status or 503, knobs.error_message)
+    elif knobs.status is not None:
         return knobs, dialect.error(call, knobs.status, knobs.error_message)
     refused = dialect.check_auth(call)
     if refused is not None:
