@@ -183,9 +183,40 @@ class Call:
         if isinstance(choice, Exhausted):
             self._exhausted(choice)
         elif choice.wait > 0:
-            self._waiting = self._state.clock.callLater(choice.wait, self._send, choice)
+            self._waiting = self._state.clock.callLater(choice.wait, self._start, choice)
+        else:
+            self._start(choice)
+
+    def _start(self, choice: Choice) -> None:
+        self._waiting = None
+        if choice.probe:
+            self._probe(choice)
         else:
             self._send(choice)
+
+    def _probe(self, choice: Choice) -> None:
+        """
+        The choice is a half-open circuit's probe: with circuits shared by
+        a fleet, only the instance that claims it sends it.
+        """
+        model = self._facts.request.model if self._facts is not None else None
+        circuits = self._state.circuits
+        claim = circuits.claim_fleet_probe(choice.mount, choice.endpoint.name, model)
+        if claim is None:
+            self._send(choice)
+            return
+
+        def claimed(won: bool) -> None:
+            if won:
+                self._send(choice)
+                return
+            circuits.probe_lost(choice.mount, choice.endpoint.name, model)
+            plan = self._plan
+            assert plan is not None
+            plan.retract(choice)
+            self._go(plan.next())
+
+        claim.addCallback(claimed).addErrback(self._bug)
 
     def _send(self, choice: Choice) -> None:
         self._waiting = None

@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_choice -*-
+# -*- test-case-name: llmproxy.test.test_resilience -*-
 """
 Which upstream each attempt of one client request goes to.
 
@@ -96,6 +96,13 @@ class AttemptPlan:
     def may_retry(self) -> bool:
         """Another attempt may follow the one last planned."""
         return self.attempts < self._retry.max_attempts
+
+    def retract(self, choice: Choice) -> None:
+        """
+        C{choice} was not sent after all (another instance holds the
+        circuit's probe): it does not count as an attempt.
+        """
+        self.attempts -= 1
 
     def failed(self, choice: Choice) -> None:
         """

@@ -18,9 +18,11 @@ L{llmproxy.outcomes.Breaker} verdict.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from attrs import define
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config import CircuitBreakerConfig
@@ -39,6 +41,21 @@ class State(enum.Enum):
 StateListener = Callable[[str, str, str, State], None]
 """Told (provider, upstream, model, new state) at each transition."""
 
+CircuitKey = tuple[str, str, str]
+"""(provider, upstream, model); the model is L{ANY_MODEL} for the upstream's own."""
+
+
+class Fleet(Protocol):
+    """
+    Where the other instances' circuits are (L{llmproxy.shared_circuits}).
+    """
+
+    def failed(self, key: CircuitKey, threshold: int, cooldown: float, half_open: bool) -> None: ...
+
+    def succeeded(self, key: CircuitKey) -> None: ...
+
+    def claim_probe(self, key: CircuitKey, cooldown: float) -> Deferred[bool]: ...
+
 
 @define
 class Circuit:
@@ -48,12 +65,16 @@ class Circuit:
     @ivar failures: consecutive failures counted while closed.
     @ivar open_until: when an open circuit becomes half-open.
     @ivar probing: a half-open circuit's one probe is in flight.
+    @ivar cooldown: the cooldown it was opened with.
+    @ivar fleet: the fleet opened it (another instance, or Redis's count).
     """
 
     state: State = State.CLOSED
     failures: int = 0
     open_until: float = 0.0
     probing: bool = False
+    cooldown: float = 0.0
+    fleet: bool = False
 
 
 @define
@@ -80,9 +101,16 @@ class CircuitBoard:
     def __init__(self, clock: IReactorTime, listener: StateListener | None = None) -> None:
         self._clock = clock
         self._listener = listener
-        self._circuits: dict[tuple[str, str, str], Circuit] = {}
+        self._circuits: dict[CircuitKey, Circuit] = {}
         self._paused: dict[tuple[str, str], float] = {}
         self._in_flight: dict[tuple[str, str], int] = {}
+        self._fleet: Fleet | None = None
+
+    def share(self, fleet: Fleet | None) -> None:
+        """
+        Keep these circuits in step with other instances' (or stop).
+        """
+        self._fleet = fleet
 
     # -- asking ---------------------------------------------------------------
 
@@ -188,23 +216,93 @@ class CircuitBoard:
             for circuit_key in {upstream_key, model_key}:
                 self._release(circuit_key)
 
-    def _fail(self, key: tuple[str, str, str], config: CircuitBreakerConfig, now: float) -> None:
+    def _fail(self, key: CircuitKey, config: CircuitBreakerConfig, now: float) -> None:
         circuit = self._circuits.get(key)
         if circuit is None:
             circuit = self._circuits[key] = Circuit()
+        half_open = circuit.state is State.HALF_OPEN
         circuit.probing = False
         circuit.failures += 1
-        if circuit.state is State.HALF_OPEN or circuit.failures >= config.failures:
+        circuit.cooldown = config.cooldown_seconds
+        if half_open or circuit.failures >= config.failures:
             circuit.open_until = now + config.cooldown_seconds
             if circuit.state is not State.OPEN:
                 self._move(key, circuit, State.OPEN)
+        if self._fleet is not None:
+            self._fleet.failed(key, config.failures, config.cooldown_seconds, half_open)
 
-    def _close(self, key: tuple[str, str, str]) -> None:
+    def _close(self, key: CircuitKey) -> None:
         circuit = self._circuits.pop(key, None)
-        if circuit is not None and circuit.state is not State.CLOSED:
+        if circuit is None:
+            return
+        if circuit.state is not State.CLOSED:
             self._move(key, circuit, State.CLOSED)
+        if self._fleet is not None:
+            # Only a circuit with a history is worth a round trip: a success
+            # on a clean one changes nothing anywhere.
+            self._fleet.succeeded(key)
 
-    def _release(self, key: tuple[str, str, str]) -> None:
+    # -- the fleet --------------------------------------------------------------
+
+    def adopt(self, key: CircuitKey, open_until: float) -> None:
+        """
+        The fleet's verdict on a circuit after a failure: open until
+        C{open_until}, or (C{0}) still closed.
+        """
+        if open_until <= 0:
+            return
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            circuit = self._circuits[key] = Circuit()
+        circuit.fleet = True
+        if circuit.state is State.CLOSED or open_until > circuit.open_until:
+            circuit.open_until = open_until
+            if circuit.state is not State.OPEN:
+                circuit.probing = False
+                self._move(key, circuit, State.OPEN)
+
+    def adopt_all(self, opened: Mapping[CircuitKey, float]) -> None:
+        """
+        The circuits the fleet has open now: open them here too, and close
+        those the fleet has closed since.
+        """
+        for key, until in opened.items():
+            self.adopt(key, until)
+        for key, circuit in list(self._circuits.items()):
+            if circuit.fleet and key not in opened and circuit.state is not State.CLOSED:
+                del self._circuits[key]
+                self._move(key, circuit, State.CLOSED)
+
+    def claim_fleet_probe(
+        self, provider: str, upstream: str, model: str | None
+    ) -> Deferred[bool] | None:
+        """
+        With a fleet, claim its one probe of the upstream's half-open
+        circuit (fires C{False} when another instance has it); L{None}
+        without one (the local claim is all there is).
+        """
+        if self._fleet is None:
+            return None
+        for key in ((provider, upstream, ANY_MODEL), (provider, upstream, model or ANY_MODEL)):
+            circuit = self._circuits.get(key)
+            if circuit is not None and circuit.state is State.HALF_OPEN:
+                return self._fleet.claim_probe(key, circuit.cooldown or 30.0)
+        return None
+
+    def probe_lost(self, provider: str, upstream: str, model: str | None) -> None:
+        """
+        Another instance is probing: keep the circuit from local probes
+        until the fleet says how it went (or the probe's claim expires).
+        """
+        for key in ((provider, upstream, ANY_MODEL), (provider, upstream, model or ANY_MODEL)):
+            circuit = self._circuits.get(key)
+            if circuit is not None and circuit.state is State.HALF_OPEN:
+                circuit.state = State.OPEN
+                circuit.probing = False
+                circuit.fleet = True
+                circuit.open_until = self._clock.seconds() + min(circuit.cooldown or 30.0, 1.0)
+
+    def _release(self, key: CircuitKey) -> None:
         """
         The attempt said nothing about this circuit: a probe it held may be
         taken by the next request.
@@ -213,7 +311,7 @@ class CircuitBoard:
         if circuit is not None:
             circuit.probing = False
 
-    def _move(self, key: tuple[str, str, str], circuit: Circuit, state: State) -> None:
+    def _move(self, key: CircuitKey, circuit: Circuit, state: State) -> None:
         circuit.state = state
         if self._listener is not None:
             self._listener(*key, state)

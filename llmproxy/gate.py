@@ -1,4 +1,4 @@
-# -*- test-case-name: llmproxy.test.test_gate -*-
+# -*- test-case-name: llmproxy.test.test_resilience -*-
 """
 The stream gate: a stream's opening events are held back until its first
 content event, so that a stream which fails before any content (an error
