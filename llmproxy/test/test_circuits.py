@@ -40,19 +40,19 @@ class BoardTests(SynchronousTestCase):
         self.moves: list[tuple[str, str, str, State]] = []
         self.board = CircuitBoard(self.clock, lambda *move: self.moves.append(move))
 
-    def fail(self, breaker: Breaker = Breaker.FAILURE, model: str | None = "m") -> None:
+    def attempt_fails(self, breaker: Breaker = Breaker.FAILURE, model: str | None = "m") -> None:
         self.board.started("p", "u")
         self.board.finished("p", "u", model, breaker, CONFIG)
 
     def test_consecutive_failures_open(self) -> None:
-        self.fail()
-        self.fail()
+        self.attempt_fails()
+        self.attempt_fails()
         self.board.started("p", "u")
         self.board.finished("p", "u", "m", Breaker.SUCCESS, CONFIG)
-        self.fail()
-        self.fail()
+        self.attempt_fails()
+        self.attempt_fails()
         self.assertTrue(self.board.availability("p", "u", "m").available)
-        self.fail()
+        self.attempt_fails()
         state = self.board.availability("p", "u", "m")
         self.assertEqual((state.available, state.until), (False, 10.0))
         self.assertTrue(self.board.availability("p", "u", "other").available)
@@ -60,13 +60,13 @@ class BoardTests(SynchronousTestCase):
 
     def test_one_probe_then_close_or_reopen(self) -> None:
         for _ in range(3):
-            self.fail()
+            self.attempt_fails()
         self.clock.advance(10)
         state = self.board.availability("p", "u", "m")
         self.assertEqual((state.available, state.probe), (True, True))
         self.assertTrue(self.board.take_probe("p", "u", "m"))
         self.assertFalse(self.board.availability("p", "u", "m").available)
-        self.fail()
+        self.attempt_fails()
         self.assertEqual(self.board.availability("p", "u", "m").until, 20.0)
         self.clock.advance(10)
         self.board.availability("p", "u", "m")
@@ -77,7 +77,7 @@ class BoardTests(SynchronousTestCase):
 
     def test_neutral_outcomes_release_the_probe(self) -> None:
         for _ in range(3):
-            self.fail()
+            self.attempt_fails()
         self.clock.advance(10)
         self.board.availability("p", "u", "m")
         self.board.take_probe("p", "u", "m")
@@ -86,7 +86,7 @@ class BoardTests(SynchronousTestCase):
 
     def test_connection_failures_cover_every_model(self) -> None:
         for _ in range(3):
-            self.fail(Breaker.UNREACHABLE)
+            self.attempt_fails(Breaker.UNREACHABLE)
         self.assertFalse(self.board.availability("p", "u", "any").available)
         self.assertEqual(self.board.describe("p", "u"), ("open", []))
 
