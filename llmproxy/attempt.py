@@ -170,6 +170,7 @@ class Attempt:
         "_streaming",
         "_timer",
         "_unmetered",
+        "_verdict",
     )
 
     def __init__(
@@ -218,6 +219,7 @@ class Attempt:
         self._streaming = facts.request.streaming
         self._status: int | None = None
         self._unmetered: str | None = None
+        self._verdict = CLIENT_GONE
         self._result: Deferred[AttemptResult] = Deferred()
 
     def run(self, forwarded: bool) -> Deferred[AttemptResult]:
@@ -350,7 +352,9 @@ class Attempt:
             for name, values in response.headers.getAllRawHeaders()
             if values
         }
-        verdict = judge_response(response.code, self._headers, self._state.clock.seconds())
+        verdict = self._verdict = judge_response(
+            response.code, self._headers, self._state.clock.seconds()
+        )
         if verdict.retryable and self._retry_instead is not None and self._retry_instead(verdict):
             response.deliverBody(_Discard())
             self._state.upstream_attempted(self._name, ok=response.code < 500, failure=None)
@@ -445,11 +449,10 @@ class Attempt:
             self._state.upstream_attempted(self._name, ok=False, failure=kind)
             self._result.callback(AttemptResult(STREAM_FAILED, status=self._status, abandoned=True))
             return
-        now = self._state.clock.seconds()
         if self._gone:
             verdict, upstream_ok = CLIENT_GONE, None
         elif complete:
-            verdict = judge_response(self._status or 0, self._headers, now)
+            verdict = self._verdict
             upstream_ok = (self._status or 0) < 500
         else:
             verdict = FAILED_AFTER_CONTENT if relay.written else STREAM_FAILED

@@ -175,6 +175,8 @@ class AttemptPlan:
         requests in flight for their weight; among them, one at random in
         proportion to its weight.
         """
+        if len(candidates) == 1:
+            return candidates[0]
         lowest = min(endpoint.priority for endpoint, _ in candidates)
         tier = [(e, p) for e, p in candidates if e.priority == lowest]
         loads = [self._board.in_flight(mount, e.name) / e.weight for e, _ in tier]
