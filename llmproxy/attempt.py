@@ -323,7 +323,7 @@ class Attempt:
             self._state.clock,
             self._upstream.config.timeouts.idle_seconds,
             self._deadline,
-            self._upstream.format.sse_error_event if self._sse else None,
+            self._upstream.format.stream_error(facts.request, content_type, self._meter),
             self._body_ended,
         )
         response.deliverBody(self._relay)

@@ -40,10 +40,12 @@ from llmproxy.config.checks import (
     string,
     string_list,
 )
+from llmproxy.config.cloud import base_url_required, deployments, finish_cloud_keys, region
 from llmproxy.config.errors import ConfigError, KeyPath, Locate, segment
 from llmproxy.config.model import (
     PROVIDER_KINDS,
     PUBLIC_BASE_URLS,
+    REGIONAL_KINDS,
     Config,
     CorsConfig,
     CostTrackingConfig,
@@ -264,6 +266,10 @@ _PROVIDER_KEYS: Mapping[str, Parser] = {
     "timeouts": nested(Timeouts, _TIMEOUT_KEYS),
     "models": _models,
     "inject_stream_usage": boolean,
+    "deployments": deployments,
+    "region": region,
+    "aws_sigv4": boolean,
+    "google_adc": boolean,
 }
 
 
@@ -283,13 +289,13 @@ def _provider(ck: Checker, path: KeyPath, name: str, value: object) -> ProviderC
                 one_of(PROVIDER_KINDS) + " (required for a provider that is not built in)",
                 MISSING,
             )
-        if "base_url" not in value:
-            ck.fail(
-                (*path, "base_url"),
-                "expected an http(s) URL (required for a provider that is not built in)",
-                MISSING,
-            )
-    return section(ck, path, value, ProviderConfig, _PROVIDER_KEYS, **fixed)
+        if "base_url" not in value and base_url_required(value):
+            needed = "required for a provider that is not built in"
+            if value.get("kind") in REGIONAL_KINDS:
+                needed += ", unless it gives a region"
+            ck.fail((*path, "base_url"), f"expected an http(s) URL ({needed})", MISSING)
+    provider = section(ck, path, value, ProviderConfig, _PROVIDER_KEYS, **fixed)
+    return finish_cloud_keys(ck, path, value, provider)
 
 
 def _providers(ck: Checker, path: KeyPath, value: object) -> dict[str, ProviderConfig]:
