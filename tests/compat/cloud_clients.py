@@ -21,6 +21,8 @@ import google.oauth2.credentials
 import openai
 import urllib3
 from botocore.config import Config as BotoConfig
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google import genai
 from google.genai import types as genai_types
 from twisted.internet.ssl import KeyPair
@@ -100,6 +102,30 @@ def tls_description(directory: str) -> str:
         stream.write(self_signed_pem())
     escaped = path.replace(":", "\\:")
     return f"ssl:0:interface=127.0.0.1:privateKey={escaped}:certKey={escaped}"
+
+
+def service_account(token_uri: str) -> dict[str, str]:
+    """
+    A Google service account key file's contents, with a fresh key, whose
+    tokens come from C{token_uri} (the fake's token endpoint): what
+    C{GOOGLE_APPLICATION_CREDENTIALS} names for Application Default
+    Credentials.
+    """
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "type": "service_account",
+        "project_id": VERTEX_PROJECT,
+        "private_key_id": "fake-key-id",
+        "private_key": pem.decode("ascii"),
+        "client_email": f"llmproxy@{VERTEX_PROJECT}.iam.gserviceaccount.com",
+        "client_id": "1234567890",
+        "token_uri": token_uri,
+    }
 
 
 def add_headers(client: Any, headers: dict[str, str]) -> None:
