@@ -29,6 +29,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from llmproxy.cloudauth import NoCredentialsError
 from llmproxy.headers import copy_response_headers, forward_request_headers
 from llmproxy.inspection import CallFacts
 from llmproxy.providers import Meter
@@ -46,7 +47,8 @@ class UpstreamFailure:
     Why an attempt got no response, and what the client should hear if no
     other attempt follows.
 
-    @ivar kind: C{connect}, C{tls}, C{connect_timeout},
+    @ivar kind: C{connect}, C{tls}, C{connect_timeout}, C{credentials}
+        (the proxy's own cloud credentials could not be found),
         C{first_byte_timeout} or C{total_timeout}.
     @ivar status: 502 (unreachable) or 504 (too slow).
     @ivar unsent: the upstream never received the request.
@@ -391,6 +393,8 @@ def failure_kind(failure: Failure) -> str:
     """
     if failure.check(ConnectTimeoutError, ConnectingCancelledError):
         return "connect_timeout"
+    if failure.check(NoCredentialsError):
+        return "credentials"
     if failure.check(ConnectionRefusedError, DNSLookupError, CancelledError):
         return "connect"
     text = failure.getErrorMessage().lower()

@@ -32,10 +32,12 @@ from typing import Any
 import attrs
 import orjson
 from botocore.exceptions import ClientError, EventStreamError
-from twisted.internet.defer import Deferred, inlineCallbacks
+from treq.content import content
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
@@ -492,6 +494,46 @@ class BedrockTests(CloudProxyTestCase):
         self.assertEqual(first.key_id, second.key_id)
 
     @inlineCallbacks
+    def test_burst_of_signed_streams(self) -> Any:
+        """
+        300 ConverseStream requests at once on the signing mount: each is
+        signed (one credential lookup serves them all), each signature
+        checks out at the fake, and each record has the exact usage.
+        """
+        count = 300
+        body = orjson.dumps({"messages": CONVERSE_MESSAGES})
+        path = self.proxy_url + "/bedrock-signed/model/" + BEDROCK_MODEL + "/converse-stream"
+
+        @inlineCallbacks
+        def one(index: int) -> Any:
+            response = yield self.http.post(
+                path,
+                data=body,
+                headers=Headers(
+                    {
+                        b"content-type": [b"application/json"],
+                        b"x-fake-input-tokens": [b"%d" % index],
+                    }
+                ),
+            )
+            raw = yield content(response)
+            return response.code, EventStreamDecoder().feed(raw)
+
+        answers = yield gatherResults([one(index) for index in range(1, count + 1)])
+        self.assertEqual({code for code, _ in answers}, {200})
+        self.assertTrue(all(frames[-1].event_type == "metadata" for _, frames in answers))
+        records = yield self.records(count)
+        price = PRICES["bedrock"][BEDROCK_MODEL]
+        by_input = sorted(records, key=lambda record: record.input_tokens)
+        self.assertEqual(
+            [(r.input_tokens, r.output_tokens) for r in by_input],
+            [(index, OUT) for index in range(1, count + 1)],
+        )
+        for index, record in enumerate(by_input, start=1):
+            assert record.total_cost is not None
+            self.assertAlmostEqual(record.total_cost, cost(index, OUT, price), places=12)
+
+    @inlineCallbacks
     def test_frames_arrive_before_the_upstream_finishes(self) -> Any:
         """
         The event stream is relayed frame by frame as the upstream writes
@@ -602,6 +644,25 @@ class BedrockErrorTests(CloudProxyTestCase):
         self.assertEqual(response["Error"]["Code"], "InternalServerException")
         self.assertEqual(response["ResponseMetadata"]["HTTPStatusCode"], 502)
         self.assertIn("unreachable", response["Error"]["Message"])
+
+    @inlineCallbacks
+    def test_no_proxy_credentials(self) -> Any:
+        """
+        A signing mount whose AWS credential chain finds nothing: a 502
+        in Bedrock's shape that says so, and nothing sent upstream.
+        """
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            self.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
+
+        def call() -> Any:
+            with self.assertRaises(ClientError) as caught:
+                self.signed_client().converse(modelId="m", messages=CONVERSE_MESSAGES)
+            return caught.exception.response
+
+        response = yield self.in_thread(call)
+        self.assertEqual(response["ResponseMetadata"]["HTTPStatusCode"], 502)
+        self.assertIn("(credentials)", response["Error"]["Message"])
+        self.assertEqual(self.fake.received, [])
 
     @inlineCallbacks
     def test_malformed_event_stream(self) -> Any:
