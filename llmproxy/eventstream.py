@@ -26,6 +26,12 @@ passes bigger frames by with only their headers kept (their CRC is still
 checked, on the fly).  Anything malformed (a bad CRC, a length out of the
 format's bounds, a header that runs past its block) raises
 L{EventStreamError} once; the decoder then ignores the rest of the stream.
+
+botocore has a parser too (C{botocore.eventstream.EventStreamBuffer}), but
+it holds every frame whole, up to its 24 MiB payload limit, and would make
+botocore a requirement for metering Bedrock even when clients send their
+own API keys; this one is small, bounded and checked against botocore's in
+the tests.
 """
 
 from __future__ import annotations
