@@ -35,6 +35,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmproxy.choice import Choice
+from llmproxy.cloudauth import NoCredentialsError
 from llmproxy.gate import StreamGate
 from llmproxy.headers import content_codings, copy_response_headers, forward_request_headers
 from llmproxy.inspection import CallFacts
@@ -63,7 +64,8 @@ class UpstreamFailure:
     Why an attempt got no response, and what the client should hear if no
     other attempt follows.
 
-    @ivar kind: C{connect}, C{tls}, C{connect_timeout},
+    @ivar kind: C{connect}, C{tls}, C{connect_timeout}, C{credentials}
+        (the proxy's own cloud credentials could not be found),
         C{first_byte_timeout} or C{total_timeout}.
     @ivar status: 502 (unreachable) or 504 (too slow).
     @ivar unsent: the upstream never received the request.
@@ -390,7 +392,9 @@ class Attempt:
             self._state.clock,
             config.timeouts.idle_seconds,
             self._deadline,
-            self._choice.upstream.format.sse_error_event if self._sse else None,
+            self._choice.upstream.format.stream_error(
+                self._facts.request, content_type, self._meter
+            ),
             self._body_ended,
             gate=gate,
             gate_seconds=gate_config.max_seconds,
@@ -502,6 +506,8 @@ def failure_kind(failure: Failure) -> str:
     """
     if failure.check(ConnectTimeoutError, ConnectingCancelledError):
         return "connect_timeout"
+    if failure.check(NoCredentialsError):
+        return "credentials"
     if failure.check(ConnectionRefusedError, DNSLookupError, CancelledError):
         return "connect"
     text = failure.getErrorMessage().lower()

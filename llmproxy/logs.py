@@ -41,10 +41,13 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])[A-Za-z0-9._~+/=-]{4,}"),
         r"\1\2[REDACTED]",
     ),
+    # AWS SigV4: the signature (the access key id before it is no secret).
+    (re.compile(r"(?i)\b(signature=)[0-9a-f]{16,}"), r"\1[REDACTED]"),
     # Header-ish pairs: x-api-key: sk-..., "authorization": "...", (b'x-goog-api-key', [b'...']).
     (
         re.compile(
-            r"(?i)((?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization)"
+            r"(?i)((?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization"
+            r"|x-amz-security-token)"
             r"['\"]?\s*[:=,]\s*[\[(]?\s*(?:b?['\"])?)(?!\[REDACTED\]|bearer\b|basic\b)[^'\"\s,\])]+"
         ),
         r"\1[REDACTED]",
@@ -53,13 +56,30 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)([?&](?:key|api_key|api-key)=)[^&\s'\"]+"), r"\1[REDACTED]"),
     # Bare provider keys that escaped every other rule.
     (
-        re.compile(r"\b(?:sk-ant-[A-Za-z0-9_-]{8,}|sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{20,})"),
+        re.compile(
+            r"\b(?:sk-ant-[A-Za-z0-9_-]{8,}|sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{20,}"
+            r"|ABSK[A-Za-z0-9+/=]{20,}|bedrock-api-key-[A-Za-z0-9+/=%_-]{20,}"
+            r"|ya29\.[A-Za-z0-9._-]{20,})"
+        ),
         "[REDACTED]",
     ),
 )
 
 
-_TRIGGERS = ("bearer", "basic", "api-key", "api_key", "authorization", "key=", "sk-", "aiza")
+_TRIGGERS = (
+    "bearer",
+    "basic",
+    "api-key",
+    "api_key",
+    "authorization",
+    "key=",
+    "sk-",
+    "aiza",
+    "signature=",
+    "x-amz-security-token",
+    "absk",
+    "ya29.",
+)
 """
 Substrings (lower case) at least one of which every rule needs; a line with
 none of them is returned untouched without running the expressions.

@@ -28,8 +28,12 @@ from twisted.web.server import Request
 from llmproxy.gate import Gate, StreamGate
 from llmproxy.providers import Meter
 
-ErrorEvent = Callable[[int, str], bytes]
-"""A provider's C{sse_error_event}: status and message to SSE bytes."""
+ErrorEvent = Callable[[int, str], bytes | None]
+"""
+A provider's L{stream_error<llmproxy.providers.ProviderFormat.stream_error>}:
+status and message to the bytes that end a failed stream, or L{None} when
+the connection must be cut instead.
+"""
 
 BodyEnded = Callable[[bool, str | None, str], None]
 """
@@ -65,8 +69,8 @@ class Relay(Protocol):
         @param idle_seconds: the longest silence allowed between chunks (0: none).
         @param deadline: when the call's total time budget ends (clock
             seconds), or L{None}.
-        @param error_event: for an SSE response, how to tell the client's SDK
-            that the stream failed; L{None} for other bodies, whose
+        @param error_event: for a streamed response, how to tell the client's
+            SDK that the stream failed; L{None} for other bodies, whose
             connection is cut instead.
         @param gate: holds the stream back until its first content event;
             L{None} relays at once (the response is already committed).
@@ -227,11 +231,10 @@ class Relay(Protocol):
             self.ended(True, None, "")
             return
         kind, message = self._aborted or ("broken_stream", "Upstream stream ended unexpectedly.")
-        if self.error_event is not None:
-            status = 504 if kind in ("idle_timeout", "total_timeout") else 502
-            # The blank line ends an event the upstream left half-written, so
-            # the error event after it parses on its own.
-            request.write(b"\n\n" + self.error_event(status, message))
+        status = 504 if kind in ("idle_timeout", "total_timeout") else 502
+        ending = self.error_event(status, message) if self.error_event is not None else None
+        if ending is not None:
+            request.write(ending)
             request.finish()
         else:
             # Headers are gone already: cut the connection so the client sees

@@ -23,8 +23,11 @@ PUBLIC_BASE_URLS: Mapping[str, str] = {
 }
 """Where each built-in provider lives when no config names a C{base_url}."""
 
-PROVIDER_KINDS = ("openai", "anthropic", "gemini")
+PROVIDER_KINDS = ("openai", "anthropic", "gemini", "azure_openai", "bedrock", "vertex")
 """The wire formats llmproxy speaks."""
+
+REGIONAL_KINDS = ("bedrock", "vertex")
+"""Kinds whose C{base_url} can be derived from a C{region}."""
 
 
 @frozen
@@ -163,12 +166,22 @@ class ProviderConfig:
     """
     One mounted provider: requests under C{/<name>/} go to its upstreams.
 
-    @ivar kind: the wire format (C{openai}, C{anthropic} or C{gemini}).
+    @ivar kind: the wire format (one of L{PROVIDER_KINDS}).
     @ivar base_url: the first upstream's base URL (the one-upstream short
-        form of C{upstreams}).
+        form of C{upstreams}): scheme, host, optional port and optional path
+        prefix, without a trailing slash.
     @ivar upstreams: where requests go; by default the one at C{base_url}.
     @ivar fallback: other mounts of the same kind, tried in order once
         every upstream of this one is unavailable or has failed.
+    @ivar deployments: C{azure_openai}: deployment name -> the model it runs
+        (for prices, limits and records).
+    @ivar region: C{bedrock}: the AWS region; C{vertex}: the Google Cloud
+        region (or C{global}); the default C{base_url} is derived from it.
+    @ivar aws_sigv4: C{bedrock}: sign every request with the proxy's own AWS
+        credentials (SigV4), replacing the client's authorization.
+    @ivar google_adc: C{vertex}: send every request with an OAuth token from
+        the proxy's own Application Default Credentials, replacing the
+        client's authorization.
     """
 
     name: str
@@ -186,6 +199,10 @@ class ProviderConfig:
     retry: RetryConfig = Factory(RetryConfig)
     stream_gate: StreamGateConfig = Factory(StreamGateConfig)
     circuit_breaker: CircuitBreakerConfig = Factory(CircuitBreakerConfig)
+    deployments: Mapping[str, str] = Factory(dict)
+    region: str | None = None
+    aws_sigv4: bool = False
+    google_adc: bool = False
 
 
 @frozen

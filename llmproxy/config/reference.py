@@ -57,12 +57,37 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
     (
         f"{_P}.kind",
         "(the name)",
-        "Wire format: `openai`, `anthropic` or `gemini`; required for a name that is not built in",
+        "Wire format: `openai`, `anthropic`, `gemini`, `azure_openai`, `bedrock` or `vertex`; "
+        "required for a name that is not built in",
     ),
     (
         f"{_P}.base_url",
         "(public API)",
-        "Upstream scheme, host, optional port and path prefix; required for a name not built in",
+        "Upstream scheme, host, optional port and path prefix; required for a name not built in "
+        "(`bedrock` and `vertex` may give `region` instead)",
+    ),
+    (
+        f"{_P}.region",
+        "(none)",
+        "`bedrock`: the AWS region (`us-east-1`); `vertex`: the Google Cloud region "
+        "(`us-central1`) or `global`; sets the default `base_url`",
+    ),
+    (
+        f"{_P}.deployments",
+        None,
+        "`azure_openai`: deployment name to the model it runs, for prices, limits and records",
+    ),
+    (
+        f"{_P}.aws_sigv4",
+        None,
+        "`bedrock`: sign every request with the proxy's own AWS credentials (SigV4), "
+        "replacing the client's; needs `llmproxy[aws]`",
+    ),
+    (
+        f"{_P}.google_adc",
+        None,
+        "`vertex`: authorize every request with the proxy's own Application Default "
+        "Credentials, replacing the client's; needs `llmproxy[gcp]`",
     ),
     (
         f"{_P}.upstreams",

@@ -40,10 +40,12 @@ from llmproxy.config.checks import (
     string,
     string_list,
 )
+from llmproxy.config.cloud import base_url_required, deployments, finish_cloud_keys, region
 from llmproxy.config.errors import ConfigError, KeyPath, Locate, segment
 from llmproxy.config.model import (
     PROVIDER_KINDS,
     PUBLIC_BASE_URLS,
+    REGIONAL_KINDS,
     CircuitBreakerConfig,
     Config,
     CorsConfig,
@@ -359,6 +361,10 @@ _PROVIDER_KEYS: Mapping[str, Parser] = {
     "timeouts": nested(Timeouts, _TIMEOUT_KEYS),
     "models": _models,
     "inject_stream_usage": boolean,
+    "deployments": deployments,
+    "region": region,
+    "aws_sigv4": boolean,
+    "google_adc": boolean,
 }
 
 
@@ -385,16 +391,23 @@ def _provider(ck: Checker, path: KeyPath, name: str, value: object) -> ProviderC
                 one_of(PROVIDER_KINDS) + " (required for a provider that is not built in)",
                 MISSING,
             )
-        if "base_url" not in value and not listed:
-            ck.fail(
-                (*path, "base_url"),
-                "expected an http(s) URL (required for a provider that is not built in)",
-                MISSING,
-            )
+        if "base_url" not in value and not listed and base_url_required(value):
+            needed = "required for a provider that is not built in"
+            if value.get("kind") in REGIONAL_KINDS:
+                needed += ", unless it gives a region"
+            ck.fail((*path, "base_url"), f"expected an http(s) URL ({needed})", MISSING)
     provider = section(ck, path, value, ProviderConfig, _PROVIDER_KEYS, **fixed)
+    provider = finish_cloud_keys(ck, path, value, provider)
     if listed and provider.upstreams:
-        provider = attrs.evolve(provider, base_url=provider.upstreams[0].base_url)
-    return provider
+        return attrs.evolve(provider, base_url=provider.upstreams[0].base_url)
+    # The short form: one upstream at the final base_url (the cloud keys may
+    # have derived it from a region after the default upstream was built).
+    return attrs.evolve(
+        provider,
+        upstreams=(
+            UpstreamConfig(name=upstream_name(provider.base_url), base_url=provider.base_url),
+        ),
+    )
 
 
 def _check_fallbacks(ck: Checker, path: KeyPath, providers: Mapping[str, ProviderConfig]) -> None:

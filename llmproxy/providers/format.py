@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 from attrs import evolve, frozen
@@ -23,6 +23,13 @@ from attrs import evolve, frozen
 from llmproxy.providers.meters import Meter, NullMeter, Tally, new_tally
 from llmproxy.providers.wire import decode_path, is_json_type, loads, media_type, parse_json_body
 from llmproxy.sse import Event
+
+StreamError = Callable[[int, str], bytes | None]
+"""
+How to tell a client's SDK that a streamed response failed midway: status
+and message to the bytes that end the stream, or L{None} when no bytes can
+(the connection is cut instead).
+"""
 
 GENERATION_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose responses can report usage; C{GET} only re-reads old results."""
@@ -156,7 +163,30 @@ class ProviderFormat(abc.ABC):
         media = media_type(content_type)
         if media == b"text/event-stream" or is_json_type(media):
             return self.meter_for(facts, tally, media == b"text/event-stream", strip_usage_chunk)
-        return NullMeter(tally)
+        return self.meter_for_media(facts, tally, media)
+
+    def stream_error(
+        self, facts: RequestFacts, content_type: bytes | None, meter: Meter | None
+    ) -> StreamError | None:
+        """
+        How to end a streamed response that failed midway, so the client's
+        SDK raises: for an event stream, a blank line (ending any event the
+        upstream left half-written) and this provider's L{sse_error_event};
+        for other bodies L{None}: the connection is cut.
+
+        @param meter: the response's meter (L{None} when it is not metered).
+        """
+        if media_type(content_type) != b"text/event-stream":
+            return None
+        event = self.sse_error_event
+        return lambda status, message: b"\n\n" + event(status, message)
+
+    def error_headers(self, status: int) -> tuple[tuple[bytes, bytes], ...]:
+        """
+        Headers an error answer the proxy makes carries besides its body
+        (Bedrock names the error in one); none by default.
+        """
+        return ()
 
     def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
         """
@@ -219,6 +249,13 @@ class ProviderFormat(abc.ABC):
 
         @param strip: remove the usage-only event L{ask_stream_usage} asked for.
         """
+
+    def meter_for_media(self, facts: RequestFacts, tally: Tally, media: bytes | None) -> Meter:
+        """
+        The meter for a response that is neither JSON nor SSE (Bedrock's
+        binary event stream); by default such a body is not metered.
+        """
+        return NullMeter(tally)
 
     @abc.abstractmethod
     def error_body(self, status: int, message: str) -> bytes:

@@ -33,7 +33,7 @@ from llmproxy.providers.prompt import text_chars
 from llmproxy.providers.wire import as_int, as_str, dig, json_string, loads
 from llmproxy.sse import Event
 
-ID_HEADERS = ("x-request-id",)
+ID_HEADERS: tuple[str, ...] = ("x-request-id",)
 
 STREAM_USAGE_ENDPOINTS = frozenset({"chat.completions", "completions"})
 """Endpoints whose streams report usage only when asked to."""

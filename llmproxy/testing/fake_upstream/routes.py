@@ -18,14 +18,22 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 from attrs import evolve
 
-from llmproxy.testing.fake_upstream import anthropic, gemini, openai
+from llmproxy.testing.fake_upstream import anthropic, bedrock, gemini, openai, vertex
 from llmproxy.testing.fake_upstream.call import Call, Handler, Reply
-from llmproxy.testing.fake_upstream.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
+from llmproxy.testing.fake_upstream.dialects import (
+    ANTHROPIC,
+    BEDROCK,
+    GEMINI,
+    GOOGLE_OAUTH,
+    OPENAI,
+    Dialect,
+)
 from llmproxy.testing.fake_upstream.knobs import KnobError, Knobs, collect_knobs, parse_knobs
 from llmproxy.testing.fake_upstream.records import ReceivedRequest
 
 _GEMINI_METHOD = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 _MODEL_ID = re.compile(r"/models/([^/]+)$")
+_VERTEX_CLAUDE = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 _GEMINI_METHODS: dict[str, Handler] = {
     "generateContent": gemini.generate_content,
     "streamGenerateContent": gemini.generate_content,
@@ -43,6 +51,19 @@ def route(
     """
     path = request.path.decode("latin-1")
     method = request.method
+    operation = bedrock.PATH.search(path)
+    if operation is not None:
+        handler: Handler | None = (
+            bedrock.OPERATIONS[operation.group(2)] if method == b"POST" else None
+        )
+        params = {"model": bedrock.model_from(operation.group(1)), "operation": operation.group(2)}
+        return BEDROCK, handler, params
+    if path.endswith("/token") and method == b"POST":
+        return GOOGLE_OAUTH, vertex.token, {}
+    claude = _VERTEX_CLAUDE.search(path)
+    if claude is not None:
+        handler = vertex.claude if method == b"POST" else None
+        return GEMINI, handler, {"model": unquote(claude.group(1)), "method": claude.group(2)}
     gemini_method = _GEMINI_METHOD.search(path)
     if gemini_method is not None:
         model = unquote(gemini_method.group(1))
@@ -138,7 +159,7 @@ def answer(
         return knobs, refused
     if handler is None:
         return knobs, dialect.not_found(call)
-    if request.method == b"POST":
+    if request.method == b"POST" and dialect.json_requests:
         try:
             body = orjson.loads(request.body) if request.body else None
         except orjson.JSONDecodeError:
