@@ -416,7 +416,9 @@ class Attempt:
         encoded = copy_response_headers(response, request)
         request.setHeader(ATTEMPTS_HEADER, b"%d" % self._number)
         request.setHeader(UPSTREAM_HEADER, self._choice.label.encode("utf-8"))
-        if self._sse:
+        if self._streaming:
+            # Any stream (SSE, Bedrock's event stream, Gemini's JSON array):
+            # nothing between here and the client may hold it back.
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
         # treq removed Content-Encoding and made the length unknown when it

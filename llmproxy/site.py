@@ -131,7 +131,8 @@ class ProxyRequest(server.Request):
         path = origin_form(self.channel.request_target())
         limit = site.max_body_bytes()
         message = f"Request body is larger than the limit of {limit} bytes."
-        body = error_body(site.error_format_for(path), 413, message)
+        fmt = site.error_format_for(path)
+        body = error_body(fmt, 413, message)
         headers = [
             b"HTTP/1.1 413 Payload Too Large",
             b"content-type: application/json",
@@ -139,6 +140,8 @@ class ProxyRequest(server.Request):
             ERROR_SOURCE_HEADER + b": proxy",
             b"connection: close",
         ]
+        if fmt is not None:
+            headers.extend(name + b": " + value for name, value in fmt.error_headers(413))
         origin = self.requestHeaders.getRawHeaders(b"origin", [None])[0]
         for name, value in site.cors_headers(origin):
             headers.append(name + b": " + value)
