@@ -34,6 +34,7 @@ from llmproxy.inspection import CallFacts
 from llmproxy.providers import Meter
 from llmproxy.relay import Relay
 from llmproxy.runtime import ProxyState
+from llmproxy.tracing import NO_TRACE, IRequestTrace
 from llmproxy.upstream import Upstream
 from llmproxy.usage import Usage
 
@@ -134,6 +135,7 @@ class Attempt:
         "_status",
         "_streaming",
         "_timer",
+        "_trace",
         "_unmetered",
         "_upstream",
     )
@@ -146,6 +148,7 @@ class Attempt:
         request: Request,
         state: ProxyState,
         deadline: float | None,
+        trace: IRequestTrace = NO_TRACE,
     ) -> None:
         """
         @param body: the body to send (L{llmproxy.inspection.Inspected}).
@@ -153,8 +156,10 @@ class Attempt:
             writes once the upstream answers.
         @param deadline: when the call's total time budget ends (clock
             seconds), or L{None}.
+        @param trace: the request's trace, of which this attempt is a part.
         """
         self._upstream = upstream
+        self._trace = trace
         self._facts = facts
         self._body = body
         self._request = request
@@ -192,6 +197,7 @@ class Attempt:
             request.isSecure() if forwarded else False,
             forwarded,
         )
+        self._result.addCallback(self._trace.attempt(self._upstream, headers).ended)
         body, self._body = self._body, b""
         producer = BytesProducer(body) if body or request.method not in (b"GET", b"HEAD") else None
         pending: Deferred[Any] = self._upstream.client.request(

@@ -32,6 +32,7 @@ from llmproxy.httperrors import send_error
 from llmproxy.inspection import BadRequest, CallFacts, inspect
 from llmproxy.routes import Target
 from llmproxy.runtime import ProxyState, Runtime
+from llmproxy.tracing import NO_TRACE
 
 log = Logger(namespace="llmproxy.call")
 
@@ -58,6 +59,7 @@ class Call:
         "_started",
         "_state",
         "_target",
+        "_trace",
         "phase",
     )
 
@@ -85,6 +87,7 @@ class Call:
         self._body = b""
         self._admission: Admission | None = None
         self._attempt: Attempt | None = None
+        self._trace = NO_TRACE
         self.phase = "inspect"
 
     def start(self, body: bytes) -> None:
@@ -113,6 +116,7 @@ class Call:
             return
         facts = self._facts = inspected.facts
         self._body = inspected.body
+        self._trace = self._state.tracer.request(facts, target.upstream, request.requestHeaders)
         self._access.inspected(
             facts.request.model, facts.request.streaming, facts.user, facts.key_id
         )
@@ -144,7 +148,7 @@ class Call:
         deadline = self._started + timeouts.total_seconds if timeouts.total_seconds > 0 else None
         body, self._body = self._body, b""
         attempt = self._attempt = Attempt(
-            self._target.upstream, facts, body, self._request, self._state, deadline
+            self._target.upstream, facts, body, self._request, self._state, deadline, self._trace
         )
         attempt.run(self._runtime.config.server.forwarded_headers).addCallback(
             self._attempted
@@ -182,6 +186,7 @@ class Call:
             first_byte=result.first_byte,
             streaming=facts.request.streaming or result.sse,
             unmetered=result.unmetered,
+            failure=result.failure.kind if result.failure is not None else None,
         )
 
     def _account(self, summary: CallSummary) -> None:
@@ -190,7 +195,8 @@ class Call:
         self.phase = "accounted"
         admission = self._admission
         assert admission is not None
-        account(summary, self._runtime, self._state, admission, self._access)
+        cost = account(summary, self._runtime, self._state, admission, self._access)
+        self._trace.end(summary, cost)
 
     def _client_gone(self, failure: Failure) -> None:
         self._gone = True
@@ -201,6 +207,8 @@ class Call:
 
     def _refuse(self, refusal: Refused) -> None:
         self.phase = "refused"
+        self._state.status.refused(self._target.name, self._facts, refusal)
+        self._trace.refused(refusal)
         for name, value in refusal.headers:
             self._request.setHeader(name, value)
         self._answer(refusal.status, refusal.message, "proxy")

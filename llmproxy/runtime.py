@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
@@ -25,6 +25,8 @@ from llmproxy.pricing import PriceBook, UnpricedWarnings
 from llmproxy.ratelimit import IRateLimiter
 from llmproxy.routes import RouteTable
 from llmproxy.sinks import ICostSink
+from llmproxy.status import StatusBoard
+from llmproxy.tracing import NO_TRACER, ITracer
 from llmproxy.upstream import AgentFactory, Upstream, build_upstream
 
 
@@ -67,6 +69,8 @@ class ProxyState:
     @ivar runtime: the current configuration's runtime; replaced on reload.
     @ivar draining: set once shutdown begins; C{/health} then answers 503.
     @ivar inflight: requests received and not yet finished.
+    @ivar status: the status page's aggregates.
+    @ivar tracer: where request traces go (nowhere unless tracing is on).
     """
 
     clock: IReactorTime
@@ -79,7 +83,14 @@ class ProxyState:
     unpriced: UnpricedWarnings = field(factory=UnpricedWarnings)
     draining: bool = False
     inflight: int = 0
+    status: StatusBoard = field(
+        default=Factory(lambda self: StatusBoard(self.clock), takes_self=True)
+    )
+    tracer: ITracer = NO_TRACER
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.status.configure(self.runtime.config)
 
     def stream_opened(self, provider: str) -> None:
         """

@@ -32,7 +32,9 @@ from llmproxy.config.model import (
     RateLimitOverrides,
     RedisConfig,
     ServerConfig,
+    StatusConfig,
     Timeouts,
+    TracingConfig,
 )
 from llmproxy.config.reference import reference_keys, render_reference_table
 from llmproxy.config.validate import (
@@ -67,7 +69,9 @@ __all__ = [
     "RateLimitOverrides",
     "RedisConfig",
     "ServerConfig",
+    "StatusConfig",
     "Timeouts",
+    "TracingConfig",
     "load_config",
     "parse_config",
     "reference_keys",
