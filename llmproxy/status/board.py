@@ -65,6 +65,15 @@ REFRESH_SECONDS = 2
 
 CLIENT_CLOSED = 499
 
+_FAILURES = {
+    "connect": "The upstream could not be reached.",
+    "tls": "The TLS handshake with the upstream failed.",
+    "connect_timeout": "Connecting to the upstream timed out.",
+    "first_byte_timeout": "No response headers within timeouts.first_byte_seconds.",
+    "total_timeout": "The request ran out of timeouts.total_seconds.",
+}
+"""What the errors list says for each way an upstream gives no response."""
+
 _REFUSAL_KINDS = {
     400: "bad_request",
     401: "unauthorized",
@@ -177,10 +186,14 @@ class StatusBoard:
         if self.track_scopes:
             self._scopes.used(now, _scopes(facts), usage.total_tokens)
         if error:
-            kind = summary.failure or (
-                f"status_{status}" if status is not None else "client_closed"
+            failure = summary.failure
+            kind = failure or f"status_{status}"
+            message = (
+                _FAILURES.get(failure, "The upstream failed.")
+                if failure is not None
+                else f"The upstream answered {status}."
             )
-            self._error(now, facts, facts.provider, model, status, "upstream", kind, None)
+            self._error(now, facts, facts.provider, model, status, "upstream", kind, message)
 
     def refused(self, provider: str, facts: CallFacts | None, refusal: Refused) -> None:
         """

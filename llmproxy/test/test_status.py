@@ -186,6 +186,10 @@ class DataTests(StatusTestCase):
         text = orjson.dumps(data)
         self.assertNotIn(secret, text)
         self.assertNotIn(b"boom", text)
+        self.assertEqual(failed["message"], "The upstream answered 500.")
+        self.assertEqual(
+            timeout["message"], "No response headers within timeouts.first_byte_seconds."
+        )
         self.assertNotIn(b"Hi", text)
 
     def test_refusals(self) -> None:

@@ -30,7 +30,8 @@ from typing import Any
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -180,7 +181,7 @@ class Traffic:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._interval = 1.0 / rate
-        self._in_flight = 0
+        self._pending: set[Deferred[Any]] = set()
         self.sent = 0
         self.answered: dict[int, int] = {}
 
@@ -192,10 +193,10 @@ class Traffic:
         Send one request; fires with its status once its body is in.
         """
         self.sent += 1
-        self._in_flight += 1
         sending: Deferred[Any] = self._http.post(
             self._url + request.path, data=request.body, headers=Headers(request.headers)
         )
+        self._pending.add(sending)
 
         def read(response: Any) -> Deferred[int]:
             return response.content().addCallback(lambda _: response.code)  # type: ignore[no-any-return]
@@ -205,13 +206,13 @@ class Traffic:
             return status
 
         def settled(result: object) -> object:
-            self._in_flight -= 1
+            self._pending.discard(sending)
             return result
 
         return sending.addCallback(read).addCallback(done).addBoth(settled)
 
     def _tick(self) -> None:
-        if self._in_flight >= MAX_IN_FLIGHT:
+        if len(self._pending) >= MAX_IN_FLIGHT:
             return
         self.send(next(self._scenarios)).addErrback(
             lambda failure: log.warn(
@@ -219,11 +220,23 @@ class Traffic:
             )
         )
 
-    def stop(self) -> Deferred[None]:
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """
+        Send no more; let the requests under way finish (10 s at most),
+        then close the connections.
+        """
         if self._loop.running:
             self._loop.stop()
-        closed: Deferred[None] = self._pool.closeCachedConnections()
-        return closed
+        if self._pending:
+            waiting = DeferredList(list(self._pending), consumeErrors=True)
+            waiting.addTimeout(10, self._reactor)
+            try:
+                yield waiting
+            except DeferredTimeoutError:
+                for pending in list(self._pending):
+                    pending.cancel()
+        yield self._pool.closeCachedConnections()
 
 
 @attrs.define
