@@ -60,7 +60,7 @@ RATE_WINDOW = 60
 TTFB_MINUTES = 5
 """Minutes over which TTFB p50 and p95 are read."""
 
-REFRESH_SECONDS = 2
+REFRESH_SECONDS = 1
 """How often the page asks for new data."""
 
 CLIENT_CLOSED = 499
@@ -253,9 +253,12 @@ class StatusBoard:
 
     # -- reading -------------------------------------------------------------------
 
-    def snapshot(self, state: ProxyState) -> dict[str, Any]:
+    def snapshot(self, state: ProxyState, asking: int = 0) -> dict[str, Any]:
         """
         The whole page's data, as C{/status.json} serves it.
+
+        @param asking: requests in flight that are the snapshot's own
+            (the C{/status.json} request), left out of C{in_flight}.
         """
         now = state.clock.seconds()
         self._turn_day(now)
@@ -313,7 +316,7 @@ class StatusBoard:
                 "requests_per_second": round(requests / RATE_WINDOW, 3),
                 "error_rate": _ratio(errors, requests),
                 "window_seconds": RATE_WINDOW,
-                "in_flight": state.inflight,
+                "in_flight": max(0, state.inflight - asking),
                 "active_streams": active_streams,
                 "ttfb_ms": {"p50": p50, "p95": p95, "samples": count, "minutes": TTFB_MINUTES},
             },

@@ -66,7 +66,7 @@ def _allowed(request: IRequest, state: ProxyState) -> int | None:
 
 def render_page(request: IRequest, state: ProxyState) -> bytes:
     """
-    The HTML page (it fetches its data from C{/status.json} every 2 s).
+    The HTML page (it fetches its data from C{/status.json} every second).
     """
     refused = _allowed(request, state)
     if refused is not None:
@@ -89,4 +89,4 @@ def render_data(request: IRequest, state: ProxyState) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
-    return orjson.dumps(state.status.snapshot(state))
+    return orjson.dumps(state.status.snapshot(state, asking=1))

@@ -138,6 +138,30 @@ class DataTests(StatusTestCase):
         self.assertEqual(cache["gpt-4o-mini"], 0.4)
         self.assertEqual(cache["claude-sonnet-4-5"], 0.0)
 
+    def test_burst(self) -> None:
+        """
+        A burst of 300 concurrent streams is counted exactly: requests,
+        tokens and cost agree with the cost records.
+        """
+        headers = knobs(OPENAI, chunks="3", delay_ms="10", cached_tokens="3")
+        pending = [
+            self.start(b"/openai/v1/chat/completions", headers, CHAT_STREAM) for _ in range(300)
+        ]
+        self.proxy.advance(2)
+        self.assertTrue(all(answers and answers[0].complete for answers in pending))
+        records = self.proxy.sink.records
+        self.assertEqual(len(records), 300)
+        data = self.status()
+        totals = data["today"]["totals"]
+        self.assertEqual(totals["requests"], 300)
+        self.assertEqual(totals["input_tokens"], sum(r.input_tokens for r in records))
+        self.assertEqual(totals["output_tokens"], sum(r.output_tokens for r in records))
+        self.assertEqual(totals["cache_read_tokens"], 900)
+        self.assertAlmostEqual(totals["cost_usd"], sum(r.total_cost or 0 for r in records))
+        self.assertEqual(round(sum(data["timeline"]["requests_per_second"]) * 5), 300)
+        self.assertEqual(data["totals"]["ttfb_ms"]["samples"], 300)
+        self.assertEqual(data["totals"]["active_streams"], 0)
+
     def test_charts_move(self) -> None:
         """
         The charts end with the last whole second: a request shows in the
@@ -158,6 +182,7 @@ class DataTests(StatusTestCase):
         self.proxy.advance(1)
         data = self.status()
         self.assertEqual(data["totals"]["active_streams"], 1)
+        self.assertEqual(data["totals"]["in_flight"], 1)
         self.assertEqual(data["providers"]["openai"]["active_streams"], 1)
         self.finish(received)
         self.assertEqual(self.status()["totals"]["active_streams"], 0)
