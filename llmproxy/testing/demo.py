@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -372,13 +373,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         stopped: Deferred[None] = Deferred()
-        reactor.addSystemEventTrigger("before", "shutdown", demo.stop)
+
+        def stop(*ignored: object) -> None:
+            if not stopped.called:
+                stopped.callback(None)
+
+        # Ctrl-C and SIGTERM end the demo cleanly: traffic, daemon, fake.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *ignored: reactor.callFromThread(stop))
         if options.seconds:
-            yield deferLater(reactor, options.seconds, lambda: None)
-            yield demo.stop()
-            print(f"sent {demo.traffic.sent} requests; answers by status: {demo.traffic.answered}")
-            return
+            reactor.callLater(options.seconds, stop)
         yield stopped
+        print("stopping the demo ...", flush=True)
+        yield demo.stop()
+        print(f"sent {demo.traffic.sent} requests; answers by status: {demo.traffic.answered}")
 
     react(run)
 
