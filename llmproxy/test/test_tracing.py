@@ -9,15 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -25,10 +19,23 @@ from zope.interface.verify import verifyObject
 
 from llmproxy.config import ConfigError, TracingConfig
 from llmproxy.config import validate as validate_module
-from llmproxy.otel import OtelTracer, tracer_from_environment
 from llmproxy.test.test_call import ANTHROPIC, CHAT, MESSAGES, OPENAI, config, with_knobs
 from llmproxy.testing.memory import MemoryProxy, Received
 from llmproxy.tracing import NO_TRACER, ITracer, otel_available, tracer_for
+
+if otel_available():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from llmproxy.otel import OtelTracer, tracer_from_environment
+
+    NO_OTEL = None
+else:
+    NO_OTEL = "the OpenTelemetry packages (llmproxy[otel], part of dev) are not installed"
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -48,6 +55,8 @@ class RefusingAgent:
 
 
 class TracingTestCase(SynchronousTestCase):
+    skip = NO_OTEL
+
     def setUp(self) -> None:
         self.spans = InMemorySpanExporter()
         tracer_provider = TracerProvider()
@@ -248,6 +257,8 @@ class FactoryTests(SynchronousTestCase):
         verifyObject(ITracer, NO_TRACER)
 
     def test_from_environment(self) -> None:
+        if NO_OTEL:
+            raise SkipTest(NO_OTEL)
         """
         With the extra installed, an OTLP tracer is built from the standard
         variables (here: export nowhere, so the test sends nothing).
@@ -266,8 +277,8 @@ class FactoryTests(SynchronousTestCase):
         C{enabled: true} without the OpenTelemetry packages is a
         configuration error that says how to install them.
         """
-        self.assertTrue(otel_available())
-        config(features={"tracing": {"enabled": True}})
+        if otel_available():
+            config(features={"tracing": {"enabled": True}})
         self.patch(validate_module, "otel_installed", lambda: False)
         config(features={"tracing": {"enabled": False}})
         with self.assertRaises(ConfigError) as caught:
