@@ -10,7 +10,7 @@ TRIAL  := $(PY) -m twisted.trial
 SRC    := llmproxy tests twisted/plugins bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install buildinfo build dev run test test-unit test-e2e check fmt fmt-check lint typecheck bench \
+.PHONY: help install buildinfo build dev run demo test test-unit test-e2e check fmt fmt-check lint typecheck bench \
         version clean test-openai test-anthropic test-gemini test-health env-check test-all
 
 help: ## list the targets
@@ -35,6 +35,9 @@ build: $(STAMP) buildinfo ## build the wheel and sdist into dist/
 
 run: $(STAMP) ## serve with configs/dev.yml (override: make run CONFIG=...)
 	$(VENV)/bin/twistd -n --pidfile= llmproxy --config $(CONFIG)
+
+demo: $(STAMP) ## see it work, no key needed: fake providers, steady traffic, the status page
+	$(PY) -m llmproxy.testing.demo
 
 dev: $(STAMP) ## run, restarting whenever a file under llmproxy/ or configs/ changes
 	$(PY) -m llmproxy.devserver --config $(CONFIG)

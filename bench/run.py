@@ -264,6 +264,10 @@ class Harness:
                 BENCH_TMP=str(self.tmp),
                 BENCH_VARIANT=name,
                 BENCH_LOG_LEVEL=self.settings.log_level,
+                # Only read with tracing on (bench/configs/tracing.yml): a sink that
+                # answers 200 to whatever it is sent.
+                OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{self.stream_port}/echo",
+                OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=f"http://127.0.0.1:{self.stream_port}/echo",
             )
             process = self.procs.start(
                 f"proxy-{name}", self.pin.wrap(self.pin.proxy, argv), env=env, cwd=REPO
@@ -800,6 +804,8 @@ FEATURES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "rate limiting (memory) + cost tracking",
         ("ratelimit-memory.yml", "cost.yml"),
     ),
+    ("status-off", "status page aggregates off (the baseline has them on)", ("status-off.yml",)),
+    ("tracing", "tracing (OpenTelemetry, OTLP/HTTP to a local sink)", ("tracing.yml",)),
 )
 
 

@@ -17,6 +17,7 @@ from attrs import frozen
 from llmproxy.accesslog import AccessLine
 from llmproxy.admission import Admission
 from llmproxy.inspection import CallFacts
+from llmproxy.pricing import Cost
 from llmproxy.records import make_record
 from llmproxy.runtime import ProxyState, Runtime
 from llmproxy.usage import Usage
@@ -41,6 +42,8 @@ class CallSummary:
     @ivar unmetered: why the response was not metered, if it was not.
     @ivar upstream: C{<mount>/<upstream>} of the last attempt, if any.
     @ivar attempts: upstream tries made.
+    @ivar failure: why the upstream gave no response to relay, if so
+        (C{connect}, C{first_byte_timeout}, ...).
     """
 
     facts: CallFacts
@@ -55,6 +58,7 @@ class CallSummary:
     unmetered: str | None = None
     upstream: str | None = None
     attempts: int = 0
+    failure: str | None = None
 
 
 def account(
@@ -63,10 +67,12 @@ def account(
     state: ProxyState,
     admission: Admission,
     access: AccessLine,
-) -> None:
+) -> Cost:
     """
-    Account for one forwarded request: price, metrics, record, limits,
-    access line.
+    Account for one forwarded request: price, metrics, status page,
+    record, limits, access line.
+
+    @return: what the request cost.
     """
     facts, usage = summary.facts, summary.usage
     model = usage.model or facts.request.model
@@ -78,7 +84,10 @@ def account(
         state.metrics.unmetered(facts.provider, summary.unmetered)
     duration = summary.ended - summary.started
     ttfb = None if summary.first_byte is None else summary.first_byte - summary.started
-    state.metrics.request_finished(facts.provider, model, status, duration, ttfb, usage, cost)
+    state.metrics.request_finished(
+        facts.provider, model, status, duration, ttfb, usage, cost, facts.key_id
+    )
+    state.status.observe(summary, cost)
     if state.sink.wants_records:
         state.sink.write(
             make_record(
@@ -109,3 +118,4 @@ def account(
         output_tokens=usage.output_tokens,
         total_cost=cost.total_cost,
     )
+    return cost

@@ -50,6 +50,7 @@ from llmproxy.outcomes import (
 from llmproxy.providers import Meter
 from llmproxy.relay import Relay
 from llmproxy.runtime import ProxyState
+from llmproxy.tracing import NO_TRACE, IRequestTrace
 from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.attempt")
@@ -171,6 +172,7 @@ class Attempt:
         "_status",
         "_streaming",
         "_timer",
+        "_trace",
         "_unmetered",
         "_verdict",
     )
@@ -185,6 +187,7 @@ class Attempt:
         deadline: float | None,
         number: int = 1,
         retry_instead: RetryInstead | None = None,
+        trace: IRequestTrace = NO_TRACE,
     ) -> None:
         """
         @param choice: the upstream to try.
@@ -198,8 +201,10 @@ class Attempt:
         @param retry_instead: asked before the attempt commits to a
             retryable answer; L{None} when no other attempt can follow (the
             answer is relayed as it is, and streams are not held back).
+        @param trace: the request's trace, of which this attempt is a part.
         """
         self._choice = choice
+        self._trace = trace
         self._facts = facts
         self._body = body
         self._request = request
@@ -251,6 +256,8 @@ class Attempt:
         )
         for name, value in endpoint.headers.items():
             headers.setRawHeaders(name, [value.encode("latin-1")])
+        attempt_trace = self._trace.attempt(self._choice.upstream, endpoint.base_url, headers)
+        self._result.addCallback(attempt_trace.ended)
         producer = BytesProducer(body) if body or request.method not in (b"GET", b"HEAD") else None
         pending: Deferred[Any] = self._choice.upstream.client.request(
             request.method.decode("ascii"),

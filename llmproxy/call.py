@@ -36,6 +36,7 @@ from llmproxy.inspection import BadRequest, CallFacts, inspect
 from llmproxy.outcomes import CLIENT_GONE, Verdict
 from llmproxy.routes import Target
 from llmproxy.runtime import ProxyState, Runtime
+from llmproxy.tracing import NO_TRACE
 from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.call")
@@ -69,6 +70,7 @@ class Call:
         "_started",
         "_state",
         "_target",
+        "_trace",
         "_waiting",
         "phase",
     )
@@ -104,6 +106,7 @@ class Call:
         self._waiting: IDelayedCall | None = None
         self._deadline: float | None = None
         self._recorded = False
+        self._trace = NO_TRACE
         self.phase = "inspect"
 
     def start(self, body: bytes) -> None:
@@ -132,6 +135,7 @@ class Call:
             return
         facts = self._facts = inspected.facts
         self._body = inspected.body
+        self._trace = self._state.tracer.request(facts, target.upstream, request.requestHeaders)
         self._access.inspected(
             facts.request.model, facts.request.streaming, facts.user, facts.key_id
         )
@@ -246,6 +250,7 @@ class Call:
             self._deadline,
             number=plan.attempts,
             retry_instead=self._retry_instead if plan.may_retry else None,
+            trace=self._trace,
         )
         attempt.run(self._runtime.config.server.forwarded_headers).addCallback(
             self._attempted
@@ -367,6 +372,7 @@ class Call:
             unmetered=result.unmetered,
             upstream=self._choice.label if self._choice is not None else None,
             attempts=self._plan.attempts if self._plan is not None else 0,
+            failure=result.failure.kind if result.failure is not None else None,
         )
 
     def _account(self, summary: CallSummary) -> None:
@@ -375,7 +381,8 @@ class Call:
         self.phase = "accounted"
         admission = self._admission
         assert admission is not None
-        account(summary, self._runtime, self._state, admission, self._access)
+        cost = account(summary, self._runtime, self._state, admission, self._access)
+        self._trace.end(summary, cost)
 
     def _client_gone(self, failure: Failure) -> None:
         self._gone = True
@@ -392,6 +399,8 @@ class Call:
 
     def _refuse(self, refusal: Refused) -> None:
         self.phase = "refused"
+        self._state.status.refused(self._target.name, self._facts, refusal)
+        self._trace.refused(refusal)
         for name, value in refusal.headers:
             self._request.setHeader(name, value)
         self._answer(refusal.status, refusal.message, "proxy")

@@ -9,7 +9,8 @@ finished, a stream opened, an upstream failed) and L{Metrics} turns it into
 the series listed in docs/operations.md ("Metrics").
 
 Label values are bounded so a scrape stays small whatever clients send:
-model names come from responses and are capped per provider, rate-limit
+model names come from responses and are capped per provider, key ids (short
+one-way hashes, or the ids of proxy keys) are capped in number, rate-limit
 scopes are reported by kind (C{key}, never the key id).
 """
 
@@ -64,6 +65,15 @@ MAX_MODELS_PER_PROVIDER = 500
 MAX_MODEL_LABEL_LENGTH = 128
 """Longer model names are cut to this many characters in labels."""
 
+MAX_KEYS = 200
+"""Distinct key ids kept as label values before folding into C{other}."""
+
+NO_KEY = "none"
+"""The key label of requests that sent no credential."""
+
+KEY_TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
+"""The token types of C{llmproxy_key_tokens_total}, in L{TOKEN_TYPES} order."""
+
 UNKNOWN_MODEL = "unknown"
 OTHER_MODEL = "other"
 
@@ -85,6 +95,7 @@ class Metrics:
         self,
         registry: CollectorRegistry | None = None,
         max_models_per_provider: int = MAX_MODELS_PER_PROVIDER,
+        max_keys: int = MAX_KEYS,
     ) -> None:
         if registry is None:
             registry = CollectorRegistry(auto_describe=True)
@@ -94,6 +105,8 @@ class Metrics:
         self.registry = registry
         self._max_models = max_models_per_provider
         self._models: dict[str, set[str]] = {}
+        self._max_keys = max_keys
+        self._keys: set[str] = set()
         self._children: dict[tuple[object, ...], Any] = {}
 
         self.requests = Counter(
@@ -121,6 +134,13 @@ class Metrics:
             "Tokens reported by upstreams; cache_read and cache_write are parts of input, "
             "reasoning is part of output.",
             ["provider", "model", "type"],
+            registry=registry,
+        )
+        self.key_tokens = Counter(
+            "llmproxy_key_tokens",
+            "Tokens by client key id: input, and its cache_read and cache_write parts (the "
+            "prompt-cache hit ratio is cache_read / input), and output.",
+            ["key", "type"],
             registry=registry,
         )
         self.cost = Counter(
@@ -217,6 +237,20 @@ class Metrics:
         seen.add(model)
         return model
 
+    def key_label(self, key_id: str | None) -> str:
+        """
+        The label value for a key id: C{none} for none, the id for the
+        first L{MAX_KEYS} distinct ids, C{other} after that.
+        """
+        if not key_id:
+            return NO_KEY
+        if key_id in self._keys:
+            return key_id
+        if len(self._keys) >= self._max_keys:
+            return OTHER_MODEL
+        self._keys.add(key_id)
+        return key_id
+
     def request_finished(
         self,
         provider: str,
@@ -226,6 +260,7 @@ class Metrics:
         ttfb_s: float | None,
         usage: Usage,
         cost: Cost,
+        key_id: str | None = None,
     ) -> None:
         """
         One forwarded request is over (completed, failed or abandoned).
@@ -250,6 +285,9 @@ class Metrics:
             )
             for kind, count in zip(TOKEN_TYPES, counts, strict=True):
                 child(self.tokens, provider, label, kind).inc(max(count, 0))
+            key = self.key_label(key_id)
+            for kind, count in zip(KEY_TOKEN_TYPES, counts[:4], strict=True):
+                child(self.key_tokens, key, kind).inc(max(count, 0))
         if cost.total_cost is not None:
             child(self.cost, provider, label).inc(max(cost.total_cost, 0.0))
         elif usage.reported:

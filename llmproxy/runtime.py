@@ -27,6 +27,8 @@ from llmproxy.pricing import PriceBook, UnpricedWarnings
 from llmproxy.ratelimit import IRateLimiter
 from llmproxy.routes import RouteTable
 from llmproxy.sinks import ICostSink
+from llmproxy.status import StatusBoard
+from llmproxy.tracing import NO_TRACER, ITracer
 from llmproxy.upstream import AgentFactory, Upstream, build_upstream
 
 log = Logger(namespace="llmproxy.circuits")
@@ -71,6 +73,8 @@ class ProxyState:
     @ivar runtime: the current configuration's runtime; replaced on reload.
     @ivar draining: set once shutdown begins; C{/health} then answers 503.
     @ivar inflight: requests received and not yet finished.
+    @ivar status: the status page's aggregates.
+    @ivar tracer: where request traces go (nowhere unless tracing is on).
     """
 
     clock: IReactorTime
@@ -86,7 +90,14 @@ class ProxyState:
     )
     draining: bool = False
     inflight: int = 0
+    status: StatusBoard = field(
+        default=Factory(lambda self: StatusBoard(self.clock), takes_self=True)
+    )
+    tracer: ITracer = NO_TRACER
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.status.configure(self.runtime.config)
 
     def _circuit_moved(self, provider: str, upstream: str, model: str, state: State) -> None:
         self.metrics.circuit_state(provider, upstream, model, state.value)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
@@ -30,6 +30,7 @@ from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.shared_circuits import SharedCircuits
 from llmproxy.sinks import ICostSink, cost_sink_for
+from llmproxy.tracing import ITracer, tracer_for
 from llmproxy.upstream import make_pool, pooled_agents
 from llmproxy.web import gateway_site
 
@@ -132,6 +133,7 @@ def build_service(
     runtime = build_runtime(config, agent_for, limiter)
     sink: ICostSink
     sink, sink_service = cost_sink_for(config.features.cost_tracking, reactor, metrics)
+    tracer = tracer_for(config.features.tracing, reactor)
     state = ProxyState(
         clock=reactor,
         runtime=runtime,
@@ -140,6 +142,7 @@ def build_service(
         sink=sink,
         build=buildinfo.load(),
         started_at=reactor.seconds(),
+        tracer=tracer,
     )
     site = gateway_site(state)
     limiter_children = _limiter_services(limiter, config, reactor)
@@ -160,7 +163,11 @@ def build_service(
                     service, limiter_children, _limiter_services(new_limiter, new, reactor)
                 )
             level.set(new.logging.level)
-            return build_runtime(new, agent_for, new_limiter)
+            if new.features.tracing.enabled != config.features.tracing.enabled:
+                log.warn("features.tracing.enabled changes take effect at the next restart")
+            runtime = build_runtime(new, agent_for, new_limiter)
+            state.status.configure(new)
+            return runtime
 
         return loading.addCallback(rebuild)
 
@@ -173,7 +180,22 @@ def build_service(
         SharedCircuits(limits.redis.url, state.circuits, reactor).setServiceParent(service)
     for child in limiter_children:
         child.setServiceParent(service)
+    TracerService(tracer).setServiceParent(service)
     return service
+
+
+class TracerService(Service):
+    """
+    Exports the spans and metrics still buffered when the process stops
+    (after the drain: children stop last).
+    """
+
+    def __init__(self, tracer: ITracer) -> None:
+        self._tracer = tracer
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self._tracer.shutdown()
 
 
 def _replace_children(parent: ProxyService, current: list[IService], new: list[IService]) -> None:

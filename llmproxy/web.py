@@ -1,13 +1,14 @@
 # -*- test-case-name: llmproxy.test.test_call -*-
 """
-The HTTP front: the Klein app that answers C{/health} and C{/metrics} and
-hands every other path to the provider it names (through the runtime's
-L{llmproxy.routes.RouteTable}), with CORS on every answer and an access
-line per request.
+The HTTP front: the Klein app that answers C{/health}, C{/metrics},
+C{/status} and C{/status.json} and hands every other path to the
+provider it names (through the runtime's L{llmproxy.routes.RouteTable}),
+with CORS on every answer and an access line per request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from llmproxy.metrics import metrics_resource
 from llmproxy.provider_resource import ProviderResource
 from llmproxy.runtime import ProxyState
 from llmproxy.site import ProxyRequest, ProxySite, make_site
+from llmproxy.status.page import render_data, render_page
 
 
 class Gateway:
@@ -90,6 +92,21 @@ class Gateway:
         if request.method not in (b"GET", b"HEAD"):
             return self._not_allowed(request)
         return metrics_resource(self._state.metrics)
+
+    @app.route("/status", strict_slashes=False)
+    def status_page(self, request: IRequest) -> bytes:
+        return self._status(request, render_page)
+
+    @app.route("/status.json")
+    def status_data(self, request: IRequest) -> bytes:
+        return self._status(request, render_data)
+
+    def _status(self, request: IRequest, render: Callable[[IRequest, ProxyState], bytes]) -> bytes:
+        if not self._state.runtime.config.server.status.enabled:
+            return self._not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            return self._not_allowed(request)
+        return render(request, self._state)
 
     # strict_slashes/merge_slashes off: werkzeug would otherwise answer 308
     # redirects (/openai -> /openai/, //x -> /x) instead of routing or 404.

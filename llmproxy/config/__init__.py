@@ -34,8 +34,10 @@ from llmproxy.config.model import (
     RedisConfig,
     RetryConfig,
     ServerConfig,
+    StatusConfig,
     StreamGateConfig,
     Timeouts,
+    TracingConfig,
     UpstreamConfig,
 )
 from llmproxy.config.reference import reference_keys, render_reference_table
@@ -73,8 +75,10 @@ __all__ = [
     "RedisConfig",
     "RetryConfig",
     "ServerConfig",
+    "StatusConfig",
     "StreamGateConfig",
     "Timeouts",
+    "TracingConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",

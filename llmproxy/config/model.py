@@ -211,6 +211,19 @@ class CorsConfig:
 
 
 @frozen
+class StatusConfig:
+    """
+    The status page (C{/status}, C{/status.json}).
+
+    @ivar token: when set, the page needs it (bearer or C{?token=}); when
+        not, only clients on this machine may see it.
+    """
+
+    enabled: bool = True
+    token: str | None = None
+
+
+@frozen
 class ServerConfig:
     """
     @ivar listen: endpoint descriptions; empty means "not configured", so the
@@ -223,6 +236,7 @@ class ServerConfig:
     shutdown_grace_seconds: float = 0.0
     cors: CorsConfig = Factory(CorsConfig)
     forwarded_headers: bool = True
+    status: StatusConfig = Factory(StatusConfig)
 
 
 @frozen
@@ -312,10 +326,21 @@ class MetricsConfig:
 
 
 @frozen
+class TracingConfig:
+    """
+    OpenTelemetry traces and GenAI metrics, exported by OTLP as the
+    standard C{OTEL_*} environment variables say.
+    """
+
+    enabled: bool = False
+
+
+@frozen
 class FeaturesConfig:
     rate_limiting: RateLimitConfig = Factory(RateLimitConfig)
     cost_tracking: CostTrackingConfig = Factory(CostTrackingConfig)
     metrics: MetricsConfig = Factory(MetricsConfig)
+    tracing: TracingConfig = Factory(TracingConfig)
 
 
 def default_providers() -> dict[str, ProviderConfig]:

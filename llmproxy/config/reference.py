@@ -51,6 +51,13 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         None,
         "Append `X-Forwarded-For` and set `X-Forwarded-Proto` on forwarded requests",
     ),
+    ("server.status.enabled", None, "Serve the live status page at `/status` (and `/status.json`)"),
+    (
+        "server.status.token",
+        "(none)",
+        "Secret (16+ characters) the page then needs, as `Authorization: Bearer` or `?token=`; "
+        "without one the page answers only clients on this machine",
+    ),
     ("logging.format", None, "`text` or `json` (one JSON object per line)"),
     ("logging.level", None, "`debug`, `info`, `warn`, `error` or `critical`"),
     (f"{_P}.enabled", None, "Mount the provider at `/<name>/`; `false` answers 404 there"),
@@ -248,6 +255,12 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         "Records held while a sink fails before new ones are dropped (and counted)",
     ),
     ("features.metrics.enabled", None, "Serve Prometheus metrics at `/metrics`"),
+    (
+        "features.tracing.enabled",
+        None,
+        "OpenTelemetry spans and GenAI metrics over OTLP, set up by the `OTEL_*` variables; "
+        "needs `pip install 'llmproxy[otel]'`",
+    ),
 )
 
 

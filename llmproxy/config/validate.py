@@ -66,8 +66,10 @@ from llmproxy.config.model import (
     RedisConfig,
     RetryConfig,
     ServerConfig,
+    StatusConfig,
     StreamGateConfig,
     Timeouts,
+    TracingConfig,
     UpstreamConfig,
     default_providers,
     upstream_name,
@@ -86,6 +88,40 @@ def _listen(ck: Checker, path: KeyPath, value: object) -> tuple[str, ...] | Inva
     return string_list(ck, path, value)
 
 
+MIN_STATUS_TOKEN_LENGTH = 16
+"""A shorter status-page token could be guessed."""
+
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def _status_token(ck: Checker, path: KeyPath, value: object) -> str | Invalid | None:
+    """
+    C{server.status.token}: none (C{null}), or a secret of at least
+    L{MIN_STATUS_TOKEN_LENGTH} visible ASCII characters (it travels in a
+    header and a URL). A bad one is never echoed: it is meant to be secret.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, str)
+        and len(value) >= MIN_STATUS_TOKEN_LENGTH
+        and _TOKEN.fullmatch(value) is not None
+    ):
+        return value
+    shown = "a non-string" if not isinstance(value, str) else f"{len(value)} characters"
+    return ck.note(
+        path,
+        f"expected a secret of at least {MIN_STATUS_TOKEN_LENGTH} visible ASCII characters "
+        f"without spaces (e.g. from `python -c 'import secrets; print(secrets.token_urlsafe())'`), "
+        f"got {shown}",
+    )
+
+
+_STATUS_KEYS: Mapping[str, Parser] = {
+    "enabled": boolean,
+    "token": _status_token,
+}
+
 _SERVER_KEYS: Mapping[str, Parser] = {
     "listen": _listen,
     "max_body_bytes": positive_count,
@@ -93,6 +129,7 @@ _SERVER_KEYS: Mapping[str, Parser] = {
     "shutdown_grace_seconds": amount,
     "cors": nested(CorsConfig, {"allow_origins": string_list}),
     "forwarded_headers": boolean,
+    "status": nested(StatusConfig, _STATUS_KEYS),
 }
 
 LOG_FORMATS = ("text", "json")
@@ -107,7 +144,7 @@ _LOGGING_KEYS: Mapping[str, Parser] = {
 # -- providers and pricing ---------------------------------------------------
 
 _PROVIDER_NAME = re.compile(r"[a-z0-9_-]+")
-RESERVED_PROVIDER_NAMES = ("health", "metrics", "meta")
+RESERVED_PROVIDER_NAMES = ("health", "metrics", "meta", "status")
 """Top-level paths the proxy answers itself, so no provider may be mounted there."""
 
 _TIMEOUT_KEYS: Mapping[str, Parser] = {
@@ -443,7 +480,11 @@ def _providers(ck: Checker, path: KeyPath, value: object) -> dict[str, ProviderC
         if not isinstance(name, str) or not _PROVIDER_NAME.fullmatch(name):
             ck.fail(entry, "expected a provider name made of a-z, 0-9, '_' and '-'", name)
         elif name in RESERVED_PROVIDER_NAMES:
-            ck.fail(entry, "expected a provider name other than health, metrics and meta", name)
+            ck.fail(
+                entry,
+                "expected a provider name other than " + ", ".join(RESERVED_PROVIDER_NAMES),
+                name,
+            )
         else:
             providers[name] = _provider(ck, entry, name, raw)
     _check_fallbacks(ck, path, providers)
@@ -571,10 +612,32 @@ def _cost_tracking(ck: Checker, path: KeyPath, value: object) -> CostTrackingCon
     return config
 
 
+def otel_installed() -> bool:
+    """
+    Whether the optional OpenTelemetry packages (C{llmproxy[otel]}) can be
+    imported.
+    """
+    from llmproxy.tracing import otel_available
+
+    return otel_available()
+
+
+def _tracing_enabled(ck: Checker, path: KeyPath, value: object) -> bool | Invalid:
+    enabled = boolean(ck, path, value)
+    if enabled is True and not otel_installed():
+        return ck.note(
+            path,
+            "tracing needs the OpenTelemetry packages, which are not installed: "
+            "pip install 'llmproxy[otel]'",
+        )
+    return enabled
+
+
 _FEATURES_KEYS: Mapping[str, Parser] = {
     "rate_limiting": _rate_limiting,
     "cost_tracking": _cost_tracking,
     "metrics": nested(MetricsConfig, {"enabled": boolean}),
+    "tracing": nested(TracingConfig, {"enabled": _tracing_enabled}),
 }
 
 _TOP_KEYS: Mapping[str, Parser] = {

@@ -60,7 +60,7 @@ class SectionTests(FilesMixin):
             self.assertOneError(
                 f"providers:\n  {name}: {{kind: openai, base_url: 'http://h'}}\n",
                 f"providers.{name}",
-                "expected a provider name other than health, metrics and meta",
+                "expected a provider name other than health, metrics, meta, status",
             )
 
     def test_listen(self) -> None:

@@ -27,6 +27,7 @@ DOCUMENTED_SERIES = {
     "llmproxy_request_duration_seconds",
     "llmproxy_time_to_first_byte_seconds",
     "llmproxy_tokens",
+    "llmproxy_key_tokens",
     "llmproxy_cost_usd",
     "llmproxy_unpriced_requests",
     "llmproxy_rate_limited",
@@ -264,6 +265,35 @@ class MetricsTests(SynchronousTestCase):
             if name == "llmproxy_requests_total"
         }
         self.assertEqual(series, {"a": 1.0, "b": 1.0, OTHER_MODEL: 3.0})
+
+    def test_keyTokens(self) -> None:
+        """
+        Tokens by key id, for the prompt-cache hit ratio per key: input and
+        its cache parts, and output; past the cap new ids fold into
+        C{other}, and requests without a credential count as C{none}.
+        """
+        m = Metrics(max_keys=2)
+        for key in ("k1", "k1", "k2", "k3", "k4", None):
+            m.request_finished("openai", "gpt-4o", 200, 1.0, None, USAGE, COST, key)
+        tokens = {
+            (dict(labels)["key"], dict(labels)["type"]): v
+            for (name, labels), v in scrape(m).items()
+            if name == "llmproxy_key_tokens_total"
+        }
+        self.assertEqual(tokens[("k1", "input")], 200.0)
+        self.assertEqual(tokens[("k1", "cache_read")], 60.0)
+        self.assertEqual(tokens[("k1", "cache_write")], 20.0)
+        self.assertEqual(tokens[("k1", "output")], 100.0)
+        self.assertEqual(tokens[(OTHER_MODEL, "input")], 200.0)
+        self.assertEqual(tokens[("none", "input")], 100.0)
+        self.assertEqual({key for key, _ in tokens}, {"k1", "k2", OTHER_MODEL, "none"})
+        m.request_finished("openai", "gpt-4o", 502, 1.0, None, Usage(), UNPRICED, "k9")
+        keys = {
+            dict(labels)["key"]
+            for (name, labels) in scrape(m)
+            if name == "llmproxy_key_tokens_total"
+        }
+        self.assertNotIn("k9", keys)
 
     def test_longModelNameCut(self) -> None:
         self.assertEqual(len(self.metrics.model_label("openai", "m" * 1000)), 128)

@@ -73,15 +73,19 @@ class MemoryAgent:
     server factory (a Site).
     """
 
-    def __init__(self, server: Factory[Any], peer_port: int = 40000) -> None:
+    def __init__(
+        self, server: Factory[Any], peer_port: int = 40000, peer_host: str = "127.0.0.1"
+    ) -> None:
         """
         @param peer_port: the client port the server sees (one per agent,
             so the proxy's logs can tell its two sides apart).
+        @param peer_host: the client address the server sees.
         """
         self._reactor = MemoryReactorClock()
         self._agent = Agent.usingEndpointFactory(self._reactor, _MemoryEndpoints(self._reactor))
         self._server = server
         self._peer_port = peer_port
+        self._peer_host = peer_host
         self.pumps: list[iosim.IOPump] = []
 
     def request(
@@ -96,7 +100,7 @@ class MemoryAgent:
             return answer
         _host, port, factory, _timeout, _bind = self._reactor.tcpClients.pop()
         server_address = IPv4Address("TCP", "127.0.0.1", port)
-        client_address = IPv4Address("TCP", "127.0.0.1", self._peer_port)
+        client_address = IPv4Address("TCP", self._peer_host, self._peer_port)
         server = self._server.buildProtocol(client_address)
         client = factory.buildProtocol(server_address)
         server_io = iosim.FakeTransport(

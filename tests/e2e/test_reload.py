@@ -76,7 +76,11 @@ class ReloadTests(TestCase):
         self.http = HTTPClient(Agent(reactor, pool=pool))
 
     def write_config(
-        self, input_price: float = 1.0, limits: str = "", base_url: str | None = None
+        self,
+        input_price: float = 1.0,
+        limits: str = "",
+        base_url: str | None = None,
+        server: str = "",
     ) -> None:
         """
         Write the config file: one priced model, cost records flushed every
@@ -94,6 +98,8 @@ class ReloadTests(TestCase):
             f"    transports:\n      - type: file\n        file: {{path: {self.costs}}}\n"
             "  rate_limiting:\n" + "".join(f"    {line}\n" for line in rate_limiting.splitlines())
         )
+        if server:
+            text += "server:\n" + "".join(f"  {line}\n" for line in server.splitlines())
         Path(self.config_path).write_text(text)
 
     @inlineCallbacks
@@ -187,6 +193,37 @@ class ReloadTests(TestCase):
             response, _ = yield self.chat()
             codes.append(response.code)
         self.assertEqual(codes, [200, 429])
+
+    @inlineCallbacks
+    def test_status_page(self) -> Any:
+        """
+        A token set for the status page, and the page turned off, apply to
+        the next request.
+        """
+        self.write_config()
+        yield self.start()
+        yield self.chat()
+        url = self.proc.url + "/status.json"
+        response = yield self.http.get(url)
+        data = orjson.loads((yield content(response)))
+        self.assertEqual(data["today"]["totals"]["requests"], 1)
+        token = "reloaded-status-token-42"
+        self.write_config(server=f"status: {{token: {token}}}")
+        yield self.sighup()
+        response = yield self.http.get(url)
+        yield content(response)
+        self.assertEqual(response.code, 401)
+        response = yield self.http.get(
+            url, headers=Headers({b"authorization": [f"Bearer {token}".encode()]})
+        )
+        yield content(response)
+        self.assertEqual(response.code, 200)
+        self.write_config(server="status: {enabled: false}")
+        yield self.sighup()
+        for path in ("/status", "/status.json"):
+            response = yield self.http.get(self.proc.url + path)
+            yield content(response)
+            self.assertEqual(response.code, 404)
 
     @inlineCallbacks
     def test_switch_to_redis(self) -> Any:

@@ -1,0 +1,403 @@
+# -*- test-case-name: llmproxy.test.test_status -*-
+"""
+The status page's aggregates: what every request did, folded as it ends
+into fixed-size series and bounded tables, and read back as one JSON
+document by C{/status.json} (and so by C{/status}).
+
+The request path feeds it with two calls: L{StatusBoard.observe} from the
+accounting phase for every forwarded request, and L{StatusBoard.refused}
+for the requests the proxy answers itself (400, 429, 503, ...). Each is a
+handful of list and dict updates; the sorting, merging and formatting all
+happen in L{StatusBoard.snapshot}, when someone looks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.status.series import MinuteHistograms, SecondCounts
+from llmproxy.status.tables import (
+    CACHE_READ,
+    CACHE_WRITE,
+    COST,
+    ERRORS,
+    INPUT,
+    OUTPUT,
+    REQUESTS,
+    UNPRICED,
+    ScopeTable,
+    UsageTable,
+)
+
+if TYPE_CHECKING:
+    from llmproxy.accounting import CallSummary
+    from llmproxy.admission import Refused
+    from llmproxy.config import Config, Limits
+    from llmproxy.inspection import CallFacts
+    from llmproxy.pricing import Cost
+    from llmproxy.runtime import ProxyState
+    from llmproxy.upstream import Upstream
+
+MAX_ERRORS = 50
+"""Errors the page lists, newest first."""
+
+TOP_ROWS = 20
+"""Rows each table of the page shows."""
+
+TIMELINE_STEP = 5
+"""Seconds per point of the 15-minute charts."""
+
+TIMELINE_POINTS = 180
+"""Points of the charts: 180 x 5 s = 15 minutes."""
+
+RATE_WINDOW = 60
+"""Seconds over which the current requests/s and error rate are read."""
+
+TTFB_MINUTES = 5
+"""Minutes over which TTFB p50 and p95 are read."""
+
+REFRESH_SECONDS = 1
+"""How often the page asks for new data."""
+
+CLIENT_CLOSED = 499
+
+_FAILURES = {
+    "connect": "The upstream could not be reached.",
+    "tls": "The TLS handshake with the upstream failed.",
+    "connect_timeout": "Connecting to the upstream timed out.",
+    "first_byte_timeout": "No response headers within timeouts.first_byte_seconds.",
+    "total_timeout": "The request ran out of timeouts.total_seconds.",
+}
+"""What the errors list says for each way an upstream gives no response."""
+
+_REFUSAL_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    402: "budget_exceeded",
+    403: "forbidden",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class _ProviderSeries:
+    __slots__ = ("counts", "ttfb")
+
+    def __init__(self) -> None:
+        self.counts = SecondCounts()
+        self.ttfb = MinuteHistograms()
+
+
+class StatusBoard:
+    """
+    Everything C{/status} shows that the health board and metrics do not
+    already hold.
+
+    @ivar enabled: C{server.status.enabled}; while off, nothing is recorded.
+    @ivar track_scopes: rate limiting is on, so per-scope use is counted.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.enabled = True
+        self.track_scopes = False
+        self._limits: Any = None
+        self._day = -1
+        self._counts = SecondCounts()
+        self._ttfb = MinuteHistograms()
+        self._providers: dict[str, _ProviderSeries] = {}
+        self._by_provider = UsageTable()
+        self._by_model = UsageTable()
+        self._by_key = UsageTable()
+        self._by_user = UsageTable()
+        self._scopes = ScopeTable()
+        self._errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+
+    def configure(self, config: Config) -> None:
+        """
+        Take the settings of a (re)loaded configuration.
+        """
+        self.enabled = config.server.status.enabled
+        limits = config.features.rate_limiting
+        self.track_scopes = self.enabled and limits.enabled
+        self._limits = limits
+
+    def _series(self, provider: str) -> _ProviderSeries:
+        found = self._providers.get(provider)
+        if found is None:
+            found = self._providers[provider] = _ProviderSeries()
+        return found
+
+    def _turn_day(self, now: float) -> None:
+        day = int(now // 86400)
+        if day != self._day:
+            self._day = day
+            for table in (self._by_provider, self._by_model, self._by_key, self._by_user):
+                table.clear()
+            self._scopes.new_day()
+
+    # -- recording ---------------------------------------------------------------
+
+    def observe(self, summary: CallSummary, cost: Cost) -> None:
+        """
+        One forwarded request is over: count it.
+        """
+        if not self.enabled:
+            return
+        now = summary.ended
+        if int(now // 86400) != self._day:
+            self._turn_day(now)
+        facts, usage = summary.facts, summary.usage
+        status = summary.status
+        error = (status is not None and status >= 400 and status != CLIENT_CLOSED) or (
+            summary.failure is not None
+        )
+        series = self._providers.get(facts.provider) or self._series(facts.provider)
+        self._counts.add(now, error)
+        series.counts.add(now, error)
+        if summary.first_byte is not None:
+            ttfb = summary.first_byte - summary.started
+            self._ttfb.add(now, ttfb)
+            series.ttfb.add(now, ttfb)
+        model = usage.model or facts.request.model
+        total_cost = cost.total_cost
+        for row in (
+            self._by_provider.row(facts.provider),
+            self._by_model.row(model),
+            self._by_key.row(facts.key_id),
+            self._by_user.row(facts.user),
+        ):
+            row[REQUESTS] += 1
+            if error:
+                row[ERRORS] += 1
+            if usage.reported:
+                row[INPUT] += usage.input_tokens
+                row[OUTPUT] += usage.output_tokens
+                row[CACHE_READ] += usage.cache_read_tokens
+                row[CACHE_WRITE] += usage.cache_write_tokens
+                if total_cost is None:
+                    row[UNPRICED] += 1
+            if total_cost is not None:
+                row[COST] += total_cost
+        if self.track_scopes:
+            self._scopes.used(now, _scopes(facts), usage.total_tokens)
+        if error:
+            failure = summary.failure
+            kind = failure or f"status_{status}"
+            message = (
+                _FAILURES.get(failure, "The upstream failed.")
+                if failure is not None
+                else f"The upstream answered {status}."
+            )
+            self._error(now, facts, facts.provider, model, status, "upstream", kind, message)
+
+    def refused(self, provider: str, facts: CallFacts | None, refusal: Refused) -> None:
+        """
+        The proxy answered a request itself (bad request, over a limit,
+        limiter unreachable, ...): count it, and list it among the errors.
+        """
+        if not self.enabled:
+            return
+        now = self._clock.seconds()
+        self._turn_day(now)
+        self._counts.add(now, True)
+        self._series(provider).counts.add(now, True)
+        model = facts.request.model if facts is not None else None
+        for row in (
+            self._by_provider.row(provider),
+            self._by_model.row(model),
+            self._by_key.row(facts.key_id if facts is not None else None),
+            self._by_user.row(facts.user if facts is not None else None),
+        ):
+            row[REQUESTS] += 1
+            row[ERRORS] += 1
+        if self.track_scopes:
+            for name, value in refusal.headers:
+                if name.lower() == b"x-ratelimit-scope":
+                    self._scopes.denied(now, value.decode("utf-8", "replace"))
+        kind = _REFUSAL_KINDS.get(refusal.status, f"status_{refusal.status}")
+        self._error(now, facts, provider, model, refusal.status, "proxy", kind, refusal.message)
+
+    def _error(
+        self,
+        now: float,
+        facts: CallFacts | None,
+        provider: str,
+        model: str | None,
+        status: int | None,
+        source: str,
+        kind: str,
+        message: str | None,
+    ) -> None:
+        # Only what the proxy itself knows and made: never a header, a
+        # credential or a body.
+        self._errors.appendleft(
+            {
+                "time": now,
+                "request_id": facts.request_id if facts is not None else None,
+                "provider": provider,
+                "endpoint": facts.endpoint if facts is not None else None,
+                "model": model,
+                "status": status,
+                "source": source,
+                "kind": kind,
+                "message": message,
+                "key_id": facts.key_id if facts is not None else None,
+                "user": facts.user if facts is not None else None,
+            }
+        )
+
+    # -- reading -------------------------------------------------------------------
+
+    def snapshot(self, state: ProxyState, asking: int = 0) -> dict[str, Any]:
+        """
+        The whole page's data, as C{/status.json} serves it.
+
+        @param asking: requests in flight that are the snapshot's own
+            (the C{/status.json} request), left out of C{in_flight}.
+        """
+        now = state.clock.seconds()
+        self._turn_day(now)
+        runtime = state.runtime
+        health = state.health
+        requests, errors = self._counts.window(now, RATE_WINDOW)
+        count, (p50, p95) = self._ttfb.quantiles(now, TTFB_MINUTES, (0.5, 0.95))
+        providers: dict[str, Any] = {}
+        active_streams = 0
+        for name, upstream in runtime.upstreams.items():
+            counters = health.provider(name)
+            active_streams += counters.active_streams
+            series = self._providers.get(name) or _ProviderSeries()
+            got, failed = series.counts.window(now, RATE_WINDOW)
+            seen, (provider_p50, provider_p95) = series.ttfb.quantiles(
+                now, TTFB_MINUTES, (0.5, 0.95)
+            )
+            status = health.status(name)
+            base_url = upstream.config.base_url
+            providers[name] = {
+                "kind": upstream.config.kind,
+                "status": status,
+                "base_url": base_url,
+                "requests_per_second": round(got / RATE_WINDOW, 3),
+                "error_rate": _ratio(failed, got),
+                "requests": counters.requests,
+                "errors": counters.errors,
+                "active_streams": counters.active_streams,
+                "ttfb_ms": {"p50": provider_p50, "p95": provider_p95, "samples": seen},
+                "upstreams": _upstreams(state, name, upstream),
+            }
+        timeline = self._counts.buckets(now, TIMELINE_STEP, TIMELINE_POINTS)
+        config = runtime.config
+        return {
+            "status": "draining" if state.draining else "healthy",
+            "version": state.build.version,
+            "now": now,
+            "uptime_seconds": round(now - state.started_at, 3),
+            "refresh_seconds": REFRESH_SECONDS,
+            "features": {
+                "rate_limiting": config.features.rate_limiting.enabled,
+                "cost_tracking": config.features.cost_tracking.enabled,
+                "metrics": config.features.metrics.enabled,
+                "tracing": config.features.tracing.enabled,
+            },
+            "totals": {
+                "requests_per_second": round(requests / RATE_WINDOW, 3),
+                "error_rate": _ratio(errors, requests),
+                "window_seconds": RATE_WINDOW,
+                "in_flight": max(0, state.inflight - asking),
+                "active_streams": active_streams,
+                "ttfb_ms": {"p50": p50, "p95": p95, "samples": count, "minutes": TTFB_MINUTES},
+            },
+            "timeline": {
+                "step_seconds": TIMELINE_STEP,
+                "end": int(now),
+                "requests_per_second": [round(got / TIMELINE_STEP, 3) for got, _ in timeline],
+                "error_rate": [_ratio(failed, got) for got, failed in timeline],
+            },
+            "providers": providers,
+            "today": {
+                "date": time.strftime("%Y-%m-%d", time.gmtime(now)),
+                "totals": self._by_provider.totals(),
+                "by_provider": self._by_provider.top(TOP_ROWS),
+                "by_model": self._by_model.top(TOP_ROWS),
+                "by_key": self._by_key.top(TOP_ROWS),
+                "by_user": self._by_user.top(TOP_ROWS),
+            },
+            "cache": {
+                "by_model": self._by_model.cache_top(TOP_ROWS),
+                "by_key": self._by_key.cache_top(TOP_ROWS),
+            },
+            "rate_limits": {
+                "enabled": config.features.rate_limiting.enabled,
+                "scopes": self._scopes.busiest(now, TOP_ROWS, self._minute_limits)
+                if self.track_scopes
+                else [],
+            },
+            "budgets": [],
+            "errors": [dict(entry, time=_iso(entry["time"])) for entry in self._errors],
+        }
+
+    def _minute_limits(self, scope: str) -> tuple[int, int]:
+        """
+        The per-minute request and token limits of a scope, from the
+        configuration.
+        """
+        config = self._limits
+        if config is None:
+            return 0, 0
+        kind, _, name = scope.partition(":")
+        overrides = config.overrides
+        table = {
+            "provider": overrides.per_provider,
+            "model": overrides.per_model,
+            "key": overrides.per_key,
+            "user": overrides.per_user,
+        }.get(kind)
+        limits: Limits = config.limits
+        if table is not None:
+            limits = table.get(name, limits)
+        return limits.requests_per_minute, limits.tokens_per_minute
+
+
+def _scopes(facts: CallFacts) -> list[str]:
+    """
+    The rate-limit scopes a request counts in (as the limiter names them).
+    """
+    scopes = ["global", "provider:" + facts.provider]
+    if facts.request.model:
+        scopes.append("model:" + facts.request.model)
+    if facts.key_id:
+        scopes.append("key:" + facts.key_id)
+    if facts.user:
+        scopes.append("user:" + facts.user)
+    return scopes
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
+        f".{int((seconds % 1) * 1000):03d}Z"
+    )
+
+
+def _upstreams(state: ProxyState, name: str, upstream: Upstream) -> dict[str, Any]:
+    """
+    Each upstream of a provider with its circuit state, as C{/health} has it.
+    """
+    entries: dict[str, Any] = {}
+    for endpoint in upstream.config.upstreams:
+        status, open_models = state.circuits.describe(name, endpoint.name)
+        entries[endpoint.name] = {
+            "status": status,
+            "base_url": endpoint.base_url,
+            "open_models": open_models,
+            "in_flight": state.circuits.in_flight(name, endpoint.name),
+        }
+    return entries

@@ -1,0 +1,191 @@
+# -*- test-case-name: llmproxy.test.test_status_tables -*-
+"""
+Bounded tables for the status page: tokens and cost per provider, model,
+key or user since the start of the UTC day, and rate-limit use per scope.
+
+Names come from clients (models, users, key ids), so each table holds at
+most L{MAX_ROWS} of them: once full, every new name is counted in one
+C{(other)} row, which keeps the totals exact and the memory fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+MAX_ROWS = 1000
+"""Distinct names a table keeps before folding new ones into C{(other)}."""
+
+OTHER = "(other)"
+NONE = "(none)"
+
+# Indexes into a usage row.
+REQUESTS, ERRORS, INPUT, OUTPUT, CACHE_READ, CACHE_WRITE, COST, UNPRICED = range(8)
+
+
+class UsageTable:
+    """
+    Requests, errors, tokens and cost per name.
+    """
+
+    __slots__ = ("_cap", "rows")
+
+    def __init__(self, cap: int = MAX_ROWS) -> None:
+        self._cap = cap
+        self.rows: dict[str, list[Any]] = {}
+
+    def row(self, name: str | None) -> list[Any]:
+        """
+        The row to add to for C{name} (L{NONE} for none, L{OTHER} once full).
+        """
+        key = NONE if name is None else name
+        found = self.rows.get(key)
+        if found is None:
+            if len(self.rows) >= self._cap:
+                key = OTHER
+                found = self.rows.get(key)
+            if found is None:
+                found = self.rows[key] = [0, 0, 0, 0, 0, 0, 0.0, 0]
+        return found
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def top(self, n: int) -> list[dict[str, Any]]:
+        """
+        The C{n} rows with the highest cost (then the most tokens), as JSON
+        objects.
+        """
+        ranked = sorted(
+            self.rows.items(),
+            key=lambda item: (-item[1][COST], -(item[1][INPUT] + item[1][OUTPUT])),
+        )
+        return [usage_json(name, row) for name, row in ranked[:n]]
+
+    def cache_top(self, n: int) -> list[dict[str, Any]]:
+        """
+        The C{n} rows that read the most input tokens, with the share of
+        them served from the provider's prompt cache.
+        """
+        ranked = sorted(
+            (item for item in self.rows.items() if item[1][INPUT] > 0),
+            key=lambda item: -item[1][INPUT],
+        )
+        return [
+            {
+                "name": name,
+                "input_tokens": row[INPUT],
+                "cache_read_tokens": row[CACHE_READ],
+                "cache_write_tokens": row[CACHE_WRITE],
+                "hit_ratio": round(row[CACHE_READ] / row[INPUT], 4),
+            }
+            for name, row in ranked[:n]
+        ]
+
+    def totals(self) -> dict[str, Any]:
+        return usage_json("total", _sum(self.rows.values()))
+
+
+def _sum(rows: Iterable[list[Any]]) -> list[Any]:
+    total: list[Any] = [0, 0, 0, 0, 0, 0, 0.0, 0]
+    for row in rows:
+        for index, value in enumerate(row):
+            total[index] += value
+    return total
+
+
+def usage_json(name: str, row: list[Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "requests": row[REQUESTS],
+        "errors": row[ERRORS],
+        "input_tokens": row[INPUT],
+        "output_tokens": row[OUTPUT],
+        "cache_read_tokens": row[CACHE_READ],
+        "cache_write_tokens": row[CACHE_WRITE],
+        "cost_usd": round(row[COST], 10),
+        "unpriced_requests": row[UNPRICED],
+    }
+
+
+class ScopeTable:
+    """
+    Per rate-limit scope (C{global}, C{provider:<name>}, C{model:<model>},
+    C{key:<id>}, C{user:<user>}): requests and tokens this process counted
+    in the current clock minute, and the requests the limiter refused today.
+    """
+
+    __slots__ = ("_cap", "_minute", "rows")
+
+    def __init__(self, cap: int = MAX_ROWS) -> None:
+        self._cap = cap
+        self._minute = -1
+        # scope -> [requests this minute, tokens this minute, denied today]
+        self.rows: dict[str, list[int]] = {}
+
+    def _row(self, scope: str) -> list[int]:
+        found = self.rows.get(scope)
+        if found is None:
+            if len(self.rows) >= self._cap:
+                scope = OTHER
+                found = self.rows.get(scope)
+            if found is None:
+                found = self.rows[scope] = [0, 0, 0]
+        return found
+
+    def _turn(self, now: float) -> None:
+        minute = int(now // 60)
+        if minute != self._minute:
+            self._minute = minute
+            for row in self.rows.values():
+                row[0] = row[1] = 0
+
+    def used(self, now: float, scopes: Iterable[str], tokens: int) -> None:
+        self._turn(now)
+        for scope in scopes:
+            row = self._row(scope)
+            row[0] += 1
+            row[1] += tokens
+
+    def denied(self, now: float, scope: str) -> None:
+        self._turn(now)
+        self._row(scope)[2] += 1
+
+    def new_day(self) -> None:
+        """
+        Forget every scope: today's refusals start again from zero.
+        """
+        self.rows.clear()
+
+    def busiest(
+        self, now: float, n: int, limits_of: Callable[[str], tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """
+        The C{n} scopes nearest to (or over) a per-minute limit, then those
+        refused most often today.
+
+        @param limits_of: a scope's per-minute C{(requests, tokens)} limits,
+            C{0} for none.
+        """
+        self._turn(now)
+        ranked = []
+        for scope, (requests, tokens, denied) in self.rows.items():
+            request_limit, token_limit = limits_of(scope)
+            use = max(
+                requests / request_limit if request_limit else 0.0,
+                tokens / token_limit if token_limit else 0.0,
+            )
+            ranked.append((use, denied, requests, scope, request_limit, token_limit, tokens))
+        ranked.sort(key=lambda item: (-item[0], -item[1], -item[2]))
+        return [
+            {
+                "scope": scope,
+                "requests_this_minute": requests,
+                "tokens_this_minute": tokens,
+                "requests_per_minute_limit": request_limit,
+                "tokens_per_minute_limit": token_limit,
+                "use": round(use, 4),
+                "denied_today": denied,
+            }
+            for use, denied, requests, scope, request_limit, token_limit, tokens in ranked[:n]
+        ]
