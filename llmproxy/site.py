@@ -42,10 +42,21 @@ class ProxyChannel(HTTPChannel):
     """
 
     site: ProxySite
+    _secure: bool | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
+
+    def isSecure(self) -> bool:
+        """
+        Whether the connection is TLS: asked for every forwarded request
+        (C{X-Forwarded-Proto}), answered once per connection, as a
+        connection's transport never changes.
+        """
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.site.channels.discard(self)
