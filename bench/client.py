@@ -10,7 +10,8 @@ Modes:
   - C{stream}: C{--concurrency} keep-alive connections, each sending
     C{--per-connection} streaming requests one after another; connections open
     spread over C{--ramp} seconds.  Per stream: status, time to the first SSE
-    event, total time, event arrival times (as gaps) and whether C{[DONE]} came.
+    event and to the first content event, total time, event arrival times (as
+    gaps) and whether C{[DONE]} came.
   - C{body}: C{--count} round trips of a C{--size}-byte JSON body on one
     connection; per trip: time and the byte count the upstream echoed.
 """
@@ -38,6 +39,9 @@ class ResponseReader:
 
     @ivar status: the status code, once the head arrived.
     @ivar event_times: C{perf_counter} time of each completed event.
+    @ivar content_time: C{perf_counter} time of the first event that carries
+        text (a non-empty C{"content"}): what a user waits for, as opposed
+        to the opening events (the role) before it.
     @ivar done_seen: whether a C{data: [DONE]} event arrived.
     @ivar body: the decoded body, kept only when C{keep_body} is set.
     """
@@ -54,6 +58,7 @@ class ResponseReader:
         self.status = 0
         self.close_after = False
         self.event_times: list[float] = []
+        self.content_time: float | None = None
         self.done_seen = False
         self.body = bytearray()
         self.complete = False
@@ -154,6 +159,10 @@ class ResponseReader:
             if end < 0:
                 break
             self.event_times.append(now)
+            if self.content_time is None:
+                at = text.find(b'"content":"', start, end)
+                if at >= 0 and text[at + 11 : at + 12] != b'"':
+                    self.content_time = now
             if text.startswith(b"data: [DONE]", start):
                 self.done_seen = True
             start = end + 2
@@ -271,6 +280,11 @@ async def run_streams(
                 done=reader.done_seen,
                 events=len(times),
                 ttfe_ms=(times[0] - started) * 1000.0 if times else None,
+                ttfc_ms=(
+                    (reader.content_time - started) * 1000.0
+                    if reader.content_time is not None
+                    else None
+                ),
                 total_ms=(ended - started) * 1000.0,
                 gaps_ms=[round((b - a) * 1000.0, 3) for a, b in itertools.pairwise(times)],
             )

@@ -587,6 +587,7 @@ def _stream_stats(records: list[dict[str, Any]], chunks: int) -> dict[str, float
         if r.get("status") == 200 and r.get("done") and r.get("events", 0) >= chunks + 2
     ]
     ttfe = [r["ttfe_ms"] for r in good]
+    ttfc = [r["ttfc_ms"] for r in good if r.get("ttfc_ms") is not None]
     total = [r["total_ms"] for r in good]
     gaps = [gap for r in good for gap in r["gaps_ms"][: chunks - 1]]
     incremental = [r for r in good if r["ttfe_ms"] < 0.5 * r["total_ms"]]
@@ -595,6 +596,8 @@ def _stream_stats(records: list[dict[str, Any]], chunks: int) -> dict[str, float
         "all": float(len(records)),
         "ttfe_p50": percentile(ttfe, 50),
         "ttfe_p99": percentile(ttfe, 99),
+        "ttfc_p50": percentile(ttfc, 50),
+        "ttfc_p99": percentile(ttfc, 99),
         "total_p50": percentile(total, 50),
         "gap_p50": percentile(gaps, 50),
         "gap_p99": percentile(gaps, 99),
@@ -612,9 +615,12 @@ def part_b(h: Harness, rows: list[Row]) -> dict[str, Row]:
     spec = f"{s.b_chunks} x {s.b_delay_ms:g} ms"
     new: dict[str, Row] = {
         "ttfe1": Row("b", f"first event p50, c1, {spec}", "ms", digits=2, difference=True),
+        "ttfc1": Row("b", "first content event p50, c1", "ms", digits=2, difference=True),
         "total1": Row("b", f"stream total p50, c1 (nominal {nominal:g})", "ms", difference=True),
         "ttfe100_50": Row("b", "first event p50, c100", "ms", digits=2, difference=True),
         "ttfe100": Row("b", "first event p99, c100", "ms", digits=2, difference=True),
+        "ttfc100_50": Row("b", "first content event p50, c100", "ms", digits=2, difference=True),
+        "ttfc100": Row("b", "first content event p99, c100", "ms", digits=2, difference=True),
         "total100": Row("b", "stream total p50, c100", "ms", difference=True),
         "gap50": Row(
             "b",
@@ -643,6 +649,7 @@ def part_b(h: Harness, rows: list[Row]) -> dict[str, Row]:
             if records:
                 one = _stream_stats(records, s.b_chunks)
                 getattr(new["ttfe1"], side).append(one["ttfe_p50"])
+                getattr(new["ttfc1"], side).append(one["ttfc_p50"])
                 getattr(new["total1"], side).append(one["total_p50"])
             if side == "naive":
                 continue  # the reference is measured at concurrency 1 only
@@ -664,6 +671,8 @@ def part_b(h: Harness, rows: list[Row]) -> dict[str, Row]:
                 many = _stream_stats(records, s.b_chunks)
                 getattr(new["ttfe100_50"], side).append(many["ttfe_p50"])
                 getattr(new["ttfe100"], side).append(many["ttfe_p99"])
+                getattr(new["ttfc100_50"], side).append(many["ttfc_p50"])
+                getattr(new["ttfc100"], side).append(many["ttfc_p99"])
                 getattr(new["total100"], side).append(many["total_p50"])
                 getattr(new["gap50"], side).append(many["gap_p50"])
                 getattr(new["gap99"], side).append(many["gap_p99"])
@@ -896,6 +905,13 @@ def budgets(found: dict[str, Row], features: list[FeatureRow]) -> list[Budget]:
     add("p50 overhead, concurrency 1", "≤ 0.5 ms", over("p50"), "ms", lambda v: v <= 0.5)
     add("p99 overhead, concurrency 1", "≤ 2 ms", over("p99"), "ms", lambda v: v <= 2.0)
     add("first-event overhead p50, c1", "≤ 1 ms", over("ttfe1"), "ms", lambda v: v <= 1.0)
+    add(
+        "first-content-event overhead p50, c1",
+        "≤ 1 ms",
+        over("ttfc1"),
+        "ms",
+        lambda v: v <= 1.0,
+    )
     add("first-event overhead p99, c100", "≤ 3 ms", over("ttfe100"), "ms", lambda v: v <= 3.0)
     add("streams incremental, c100", "100%", proxy("inc100"), "%", lambda v: v >= 100.0, 1)
     add("inter-chunk gap p50 vs DIRECT", "within ±1 ms", over("gap50"), "ms", lambda v: abs(v) <= 1)
