@@ -30,7 +30,7 @@ from llmproxy.providers.format import ProviderFormat, RequestFacts
 from llmproxy.providers.keyscan import KeyScanner
 from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, json_string, loads
+from llmproxy.providers.wire import as_int, as_str, dig, first_limit, json_string, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("x-request-id",)
@@ -120,6 +120,7 @@ def describe_openai(method: str, segments: list[str], body: object | None) -> Re
         model = as_str(body.get("model"))
         user = as_str(body.get("user")) or as_str(body.get("safety_identifier"))
         streaming = body.get("stream") is True
+    limit = first_limit(body, ("max_completion_tokens",), ("max_tokens",), ("max_output_tokens",))
     if model is None and "deployments" in segments[:-1]:
         # Azure OpenAI names the deployment in the path instead.
         model = segments[segments.index("deployments") + 1]
@@ -129,6 +130,7 @@ def describe_openai(method: str, segments: list[str], body: object | None) -> Re
         model=model,
         streaming=streaming,
         user=user,
+        max_output_tokens=limit,
     )
 
 
