@@ -20,7 +20,7 @@ from llmproxy.config import ConfigError, load_config, reference_keys, render_ref
 ROOT = Path(llmproxy.__file__).resolve().parent.parent
 CONFIGURATION_PAGE = ROOT / "docs" / "configuration.md"
 
-_NAMED_KEY = re.compile(r"`((?:server|logging|providers|features)\.[\w.<>\[\]-]+)")
+_NAMED_KEY = re.compile(r"`((?:server|logging|providers|features|auth)\.[\w.<>\[\]-]+)")
 """A dotted key from the top of the configuration, as the documents quote it."""
 
 
