@@ -192,6 +192,8 @@ class Attempt:
             request.isSecure() if forwarded else False,
             forwarded,
         )
+        if self._facts.credential_swap is not None:
+            self._facts.credential_swap.apply(headers, config.name)
         body, self._body = self._body, b""
         producer = BytesProducer(body) if body or request.method not in (b"GET", b"HEAD") else None
         pending: Deferred[Any] = self._upstream.client.request(

@@ -53,6 +53,7 @@ RESPONSES_START_EVENTS = frozenset({b"response.created", b"response.in_progress"
 _ERRORS: Mapping[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
+    402: ("insufficient_quota", "budget_exceeded"),
     403: ("permission_error", None),
     404: ("invalid_request_error", "not_found"),
     409: ("invalid_request_error", "conflict"),
