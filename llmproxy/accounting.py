@@ -39,6 +39,8 @@ class CallSummary:
     @ivar first_byte: clock time of the upstream's first body byte.
     @ivar streaming: the request or its response streamed.
     @ivar unmetered: why the response was not metered, if it was not.
+    @ivar upstream: C{<mount>/<upstream>} of the last attempt, if any.
+    @ivar attempts: upstream tries made.
     """
 
     facts: CallFacts
@@ -51,6 +53,8 @@ class CallSummary:
     first_byte: float | None
     streaming: bool
     unmetered: str | None = None
+    upstream: str | None = None
+    attempts: int = 0
 
 
 def account(
@@ -92,6 +96,8 @@ def account(
                 cost=cost,
                 duration_ms=duration * 1000.0,
                 ttfb_ms=None if ttfb is None else ttfb * 1000.0,
+                upstream=summary.upstream,
+                attempts=summary.attempts,
             )
         )
     admission.settle(usage, summary.status, summary.unsent, cost.total_cost)

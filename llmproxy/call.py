@@ -18,8 +18,10 @@ itself when a phase refuses or fails.
 
 from __future__ import annotations
 
+import math
 import uuid
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -27,11 +29,14 @@ from twisted.web.server import Request
 from llmproxy.accesslog import AccessLine
 from llmproxy.accounting import CallSummary, account
 from llmproxy.admission import Admission, Admitted, Refused
-from llmproxy.attempt import Attempt, AttemptResult
+from llmproxy.attempt import ATTEMPTS_HEADER, UPSTREAM_HEADER, Attempt, AttemptResult
+from llmproxy.choice import AttemptPlan, Choice, Exhausted
 from llmproxy.httperrors import send_error
 from llmproxy.inspection import BadRequest, CallFacts, inspect
+from llmproxy.outcomes import CLIENT_GONE, Verdict
 from llmproxy.routes import Target
 from llmproxy.runtime import ProxyState, Runtime
+from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.call")
 
@@ -51,13 +56,20 @@ class Call:
         "_admission",
         "_attempt",
         "_body",
+        "_choice",
+        "_deadline",
         "_facts",
         "_gone",
+        "_last",
+        "_plan",
+        "_queued",
+        "_recorded",
         "_request",
         "_runtime",
         "_started",
         "_state",
         "_target",
+        "_waiting",
         "phase",
     )
 
@@ -85,6 +97,13 @@ class Call:
         self._body = b""
         self._admission: Admission | None = None
         self._attempt: Attempt | None = None
+        self._plan: AttemptPlan | None = None
+        self._choice: Choice | None = None
+        self._queued: Choice | Exhausted | None = None
+        self._last: AttemptResult | None = None
+        self._waiting: IDelayedCall | None = None
+        self._deadline: float | None = None
+        self._recorded = False
         self.phase = "inspect"
 
     def start(self, body: bytes) -> None:
@@ -143,38 +162,202 @@ class Call:
             # A proxy key was accepted: its id and user are the request's.
             self._facts = verdict.facts
             self._access.identified(verdict.facts.user, verdict.facts.key_id)
-        self._access.expect_account()
         facts = self._facts
         assert facts is not None
         if self._gone:
-            self._account(self._summary(AttemptResult(client_gone=True), unsent=True))
+            self._access.expect_account()
+            self._account(self._summary(AttemptResult(CLIENT_GONE, client_gone=True), unsent=True))
             return
         self.phase = "attempt"
-        timeouts = self._target.upstream.config.timeouts
-        deadline = self._started + timeouts.total_seconds if timeouts.total_seconds > 0 else None
-        body, self._body = self._body, b""
+        target, runtime = self._target, self._runtime
+        timeouts = target.upstream.config.timeouts
+        self._deadline = (
+            self._started + timeouts.total_seconds if timeouts.total_seconds > 0 else None
+        )
+        chain = [(target.name, target.upstream)] + [
+            (name, runtime.upstreams[name])
+            for name in target.upstream.config.fallback
+            if name in runtime.upstreams
+        ]
+        self._plan = AttemptPlan(
+            chain, facts.request.model, self._state.circuits, self._state.clock, self._deadline
+        )
+        self._go(self._plan.next())
+
+    # -- attempts ---------------------------------------------------------------
+
+    def _go(self, choice: Choice | Exhausted) -> None:
+        """
+        Make the next attempt (after its wait), or end with what there is.
+        """
+        if isinstance(choice, Exhausted):
+            self._exhausted(choice)
+        elif choice.wait > 0:
+            self._waiting = self._state.clock.callLater(choice.wait, self._start, choice)
+        else:
+            self._start(choice)
+
+    def _start(self, choice: Choice) -> None:
+        self._waiting = None
+        if choice.probe:
+            self._probe(choice)
+        else:
+            self._send(choice)
+
+    def _probe(self, choice: Choice) -> None:
+        """
+        The choice is a half-open circuit's probe: with circuits shared by
+        a fleet, only the instance that claims it sends it.
+        """
+        model = self._facts.request.model if self._facts is not None else None
+        circuits = self._state.circuits
+        claim = circuits.claim_fleet_probe(choice.mount, choice.endpoint.name, model)
+        if claim is None:
+            self._send(choice)
+            return
+
+        def claimed(won: bool) -> None:
+            if won:
+                self._send(choice)
+                return
+            circuits.probe_lost(choice.mount, choice.endpoint.name, model)
+            plan = self._plan
+            assert plan is not None
+            plan.retract(choice)
+            self._go(plan.next())
+
+        claim.addCallback(claimed).addErrback(self._bug)
+
+    def _send(self, choice: Choice) -> None:
+        self._waiting = None
+        facts, plan = self._facts, self._plan
+        assert facts is not None and plan is not None
+        if self._gone:
+            self._access.expect_account()
+            self._account(self._summary(self._last or AttemptResult(CLIENT_GONE), unsent=True))
+            return
+        metrics = self._state.metrics
+        previous = self._choice
+        if previous is None:
+            self._access.expect_account()
+        else:
+            metrics.retried(facts.provider, self._last.verdict.reason if self._last else "")
+            if previous.mount != choice.mount:
+                metrics.fell_back(previous.mount, choice.mount)
+        self._choice = choice
+        self._recorded = False
+        self._state.circuits.started(choice.mount, choice.endpoint.name)
         attempt = self._attempt = Attempt(
-            self._target.upstream, facts, body, self._request, self._state, deadline
+            choice,
+            facts,
+            self._body,
+            self._request,
+            self._state,
+            self._deadline,
+            number=plan.attempts,
+            retry_instead=self._retry_instead if plan.may_retry else None,
         )
         attempt.run(self._runtime.config.server.forwarded_headers).addCallback(
             self._attempted
         ).addErrback(self._bug)
 
+    def _retry_instead(self, verdict: Verdict) -> bool:
+        """
+        Asked by an attempt before it commits to a retryable answer: whether
+        another attempt can take its place (then that one is planned).
+        """
+        plan, choice = self._plan, self._choice
+        if self._gone or plan is None or choice is None:
+            return False
+        self._record(choice, verdict)
+        plan.failed(choice)
+        following = plan.next()
+        if isinstance(following, Exhausted):
+            return False
+        self._queued = following
+        return True
+
+    def _record(self, choice: Choice, verdict: Verdict) -> None:
+        """
+        Tell the circuits (once per attempt) how the attempt went.
+        """
+        if self._recorded:
+            return
+        self._recorded = True
+        self._state.circuits.finished(
+            choice.mount,
+            choice.endpoint.name,
+            self._facts.request.model if self._facts is not None else None,
+            verdict.breaker,
+            choice.upstream.config.circuit_breaker,
+            verdict.pause_seconds,
+        )
+
     def _attempted(self, result: AttemptResult) -> None:
         self._attempt = None
+        choice, plan = self._choice, self._plan
+        assert choice is not None and plan is not None
+        self._record(choice, result.verdict)
+        self._state.metrics.upstream_attempt(
+            choice.mount, choice.endpoint.name, result.verdict.reason
+        )
+        self._last = result
+        if result.abandoned:
+            queued, self._queued = self._queued, None
+            assert queued is not None
+            self._go(queued)
+            return
         failure = result.failure
-        if failure is not None and not self._gone:
-            self._answer(failure.status, failure.message, "upstream")
-            status: int | None = failure.status
-        else:
-            status = result.status
-        self._account(
-            self._summary(
-                result,
-                status=status,
-                unsent=failure is not None and failure.unsent,
+        if failure is not None and result.verdict.retryable and not self._gone and plan.may_retry:
+            plan.failed(choice)
+            following = plan.next()
+            if not isinstance(following, Exhausted):
+                self._go(following)
+                return
+        self._finish(result)
+
+    def _exhausted(self, exhausted: Exhausted) -> None:
+        """
+        No (further) attempt is possible: before any attempt, every upstream
+        is unavailable (503, no record); after some, the last one stands.
+        """
+        if self._last is not None:
+            self._finish(self._last)
+            return
+        seconds = exhausted.retry_after
+        wait = b"%d" % max(1, math.ceil(seconds)) if seconds is not None else b"1"
+        admission = self._admission
+        assert admission is not None
+        admission.settle(Usage(), 503, unsent=True)
+        self._refuse(
+            Refused(
+                503,
+                f"No upstream of {self._target.name} is available; try again shortly.",
+                ((b"Retry-After", wait), (ATTEMPTS_HEADER, b"0")),
             )
         )
+
+    def _finish(self, result: AttemptResult) -> None:
+        """
+        The call's last attempt is over: answer what it left unanswered,
+        then account.
+        """
+        failure = result.failure
+        status = result.status
+        if failure is not None:
+            status = failure.status
+            if not self._gone:
+                self._upstream_headers()
+                self._answer(failure.status, failure.message, "upstream")
+        self._account(
+            self._summary(result, status=status, unsent=failure is not None and failure.unsent)
+        )
+
+    def _upstream_headers(self) -> None:
+        plan, choice = self._plan, self._choice
+        if plan is not None and choice is not None:
+            self._request.setHeader(ATTEMPTS_HEADER, b"%d" % plan.attempts)
+            self._request.setHeader(UPSTREAM_HEADER, choice.label.encode("utf-8"))
 
     def _summary(
         self, result: AttemptResult, status: int | None = None, unsent: bool = False
@@ -192,6 +375,8 @@ class Call:
             first_byte=result.first_byte,
             streaming=facts.request.streaming or result.sse,
             unmetered=result.unmetered,
+            upstream=self._choice.label if self._choice is not None else None,
+            attempts=self._plan.attempts if self._plan is not None else 0,
         )
 
     def _account(self, summary: CallSummary) -> None:
@@ -206,6 +391,12 @@ class Call:
         self._gone = True
         if self._attempt is not None:
             self._attempt.client_gone()
+        elif self._waiting is not None and self._waiting.active():
+            # Between attempts: no upstream holds the request now.
+            self._waiting.cancel()
+            self._waiting = None
+            self._access.expect_account()
+            self._account(self._summary(self._last or AttemptResult(CLIENT_GONE)))
 
     # -- answers the proxy makes itself ---------------------------------------
 
@@ -227,7 +418,7 @@ class Call:
                 # The response had begun: there is no clean answer left.
                 log.failure("could not answer after a bug")
         if self._facts is not None and self._admission is not None:
-            self._account(self._summary(AttemptResult(), status=502))
+            self._account(self._summary(AttemptResult(CLIENT_GONE), status=502))
 
     def _request_id(self) -> str | None:
         return self._facts.request_id if self._facts is not None else None

@@ -89,15 +89,24 @@ def copy_response_headers(response: IResponse, request: IRequest) -> bool:
         if lower in skip or lower.startswith(b"access-control-"):
             continue
         request.responseHeaders.setRawHeaders(name, list(values))
-    encodings = [
+    encodings = content_codings(headers)
+    if encodings:
+        request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
+        return True
+    return False
+
+
+def content_codings(headers: Headers) -> list[bytes]:
+    """
+    The content codings a response body is still encoded with: treq decodes
+    gzip and removes it, so one still named here is passed through
+    untouched (and not metered). Twisted's decoding agent leaves an empty
+    C{Content-Encoding} on every response that had none; only a real coding
+    counts.
+    """
+    return [
         token.strip()
         for value in headers.getRawHeaders(b"content-encoding", [])
         for token in value.split(b",")
         if token.strip() and token.strip().lower() != b"identity"
     ]
-    # Twisted's ContentDecoderAgent leaves an empty Content-Encoding on every
-    # response that had none; only a real coding counts (and is passed on).
-    if encodings:
-        request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
-        return True
-    return False

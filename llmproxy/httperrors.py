@@ -35,6 +35,8 @@ def send_error(
     """
     body = error_body(fmt, status, message)
     request.setResponseCode(status)
+    for name, value in fmt.error_headers(status) if fmt is not None else ():
+        request.responseHeaders.setRawHeaders(name, [value])
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.responseHeaders.setRawHeaders(ERROR_SOURCE_HEADER, [source.encode("ascii")])

@@ -11,12 +11,16 @@ never let a credential through.
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import parse_qsl
 
 from attrs import field, frozen
 from twisted.web.http_headers import Headers
 
-_KEY_HEADERS = (b"x-api-key", b"x-goog-api-key")
+_KEY_HEADERS = (b"x-api-key", b"x-goog-api-key", b"api-key")
+
+_SIGV4 = b"aws4-hmac-sha256"
+_SIGV4_CREDENTIAL = re.compile(rb"Credential=([A-Za-z0-9]+)/")
 
 PROXY_KEY_PREFIX = b"llmp-"
 """How every key the proxy issues begins (C{python -m llmproxy new-key})."""
@@ -49,13 +53,18 @@ def presented(secret: bytes | None) -> Presented | None:
 def credential(headers: Headers, query: bytes) -> bytes | None:
     """
     The credential the client sent, from whichever of C{Authorization:
-    Bearer}, C{x-api-key}, C{x-goog-api-key} or C{?key=} is present, in that
-    order.
+    Bearer}, C{x-api-key}, C{x-goog-api-key}, C{api-key} (Azure) or
+    C{?key=} is present, in that order.  A request signed with AWS SigV4
+    is known by its access key id (the secret key never travels).
     """
     for value in headers.getRawHeaders(b"authorization", []):
         scheme, _, token = value.strip().partition(b" ")
         if scheme.lower() == b"bearer" and token.strip():
             return token.strip()
+        if scheme.lower() == _SIGV4:
+            match = _SIGV4_CREDENTIAL.search(token)
+            if match:
+                return match.group(1)
     for name in _KEY_HEADERS:
         for value in headers.getRawHeaders(name, []):
             if value.strip():

@@ -44,10 +44,13 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])[A-Za-z0-9._~+/=-]{4,}"),
         r"\1\2[REDACTED]",
     ),
+    # AWS SigV4: the signature (the access key id before it is no secret).
+    (re.compile(r"(?i)\b(signature=)[0-9a-f]{16,}"), r"\1[REDACTED]"),
     # Header-ish pairs: x-api-key: sk-..., "authorization": "...", (b'x-goog-api-key', [b'...']).
     (
         re.compile(
-            r"(?i)((?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization)"
+            r"(?i)((?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization"
+            r"|x-amz-security-token)"
             r"['\"]?\s*[:=,]\s*[\[(]?\s*(?:b?['\"])?)(?!\[REDACTED\]|bearer\b|basic\b)[^'\"\s,\])]+"
         ),
         r"\1[REDACTED]",
@@ -58,7 +61,8 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"\b(?:sk-ant-[A-Za-z0-9_-]{8,}|sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{20,}"
-            r"|llmp-[A-Za-z0-9_-]{16,})"
+            r"|ABSK[A-Za-z0-9+/=]{20,}|bedrock-api-key-[A-Za-z0-9+/=%_-]{20,}"
+            r"|ya29\.[A-Za-z0-9._-]{20,}|llmp-[A-Za-z0-9_-]{16,})"
         ),
         "[REDACTED]",
     ),
@@ -74,6 +78,10 @@ _TRIGGERS = (
     "key=",
     "sk-",
     "aiza",
+    "signature=",
+    "x-amz-security-token",
+    "absk",
+    "ya29.",
     "llmp-",
 )
 """

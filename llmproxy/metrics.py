@@ -166,6 +166,32 @@ class Metrics:
             ["provider", "reason"],
             registry=registry,
         )
+        self.upstream_attempts = Counter(
+            "llmproxy_upstream_attempts",
+            "Upstream tries, by upstream and outcome (success, connect, status_503, "
+            "stream_error, client_gone, ...).",
+            ["provider", "upstream", "outcome"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "llmproxy_retries",
+            "Upstream tries made after a failed one, by the reason the previous failed.",
+            ["provider", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "llmproxy_fallbacks",
+            "Requests that moved on to a fallback provider.",
+            ["from_provider", "to_provider"],
+            registry=registry,
+        )
+        self.circuit_states = Gauge(
+            "llmproxy_circuit_state",
+            "Circuit breaker state per upstream and model: 0 closed, 1 open, 2 half-open "
+            "(model empty: the upstream's own circuit, for connection failures).",
+            ["provider", "upstream", "model"],
+            registry=registry,
+        )
         self.ratelimit_backend_errors = Counter(
             "llmproxy_ratelimit_backend_errors",
             "Rate-limit and budget backend calls that failed or timed out (fail_mode decided).",
@@ -298,6 +324,19 @@ class Metrics:
 
     def cost_record_dropped(self, n: int = 1) -> None:
         self.cost_records_dropped.inc(n)
+
+    def upstream_attempt(self, provider: str, upstream: str, outcome: str) -> None:
+        self._child(self.upstream_attempts, provider, upstream, outcome).inc()
+
+    def retried(self, provider: str, reason: str) -> None:
+        self._child(self.retries, provider, reason).inc()
+
+    def fell_back(self, from_provider: str, to_provider: str) -> None:
+        self._child(self.fallbacks, from_provider, to_provider).inc()
+
+    def circuit_state(self, provider: str, upstream: str, model: str, state: int) -> None:
+        label = self.model_label(provider, model) if model else ""
+        self._child(self.circuit_states, provider, upstream, label).set(state)
 
     def ratelimit_backend_error(self, backend: str) -> None:
         self.ratelimit_backend_errors.labels(backend).inc()

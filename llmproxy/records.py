@@ -48,6 +48,8 @@ class CostRecord:
     total_cost: float | None
     duration_ms: float
     ttfb_ms: float | None
+    upstream: str | None
+    attempts: int
 
     def to_json(self) -> bytes:
         """
@@ -94,6 +96,8 @@ def make_record(
     cost: Cost,
     duration_ms: float,
     ttfb_ms: float | None,
+    upstream: str | None = None,
+    attempts: int = 1,
 ) -> CostRecord:
     """
     Build the record of one forwarded request.
@@ -125,4 +129,6 @@ def make_record(
         total_cost=cost.total_cost,
         duration_ms=round(duration_ms, 3),
         ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 3),
+        upstream=upstream,
+        attempts=attempts,
     )

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from llmproxy.auth import Keyring
 from llmproxy.budgets import AlertSender, BudgetBook, ISpendStore
 from llmproxy.buildinfo import BuildInfo
+from llmproxy.circuits import CircuitBoard, State
 from llmproxy.config import Config
 from llmproxy.health import HealthBoard
 from llmproxy.metrics import Metrics
@@ -28,6 +30,8 @@ from llmproxy.ratelimit import IRateLimiter
 from llmproxy.routes import RouteTable
 from llmproxy.sinks import ICostSink
 from llmproxy.upstream import AgentFactory, Upstream, build_upstream
+
+log = Logger(namespace="llmproxy.circuits")
 
 
 @frozen
@@ -118,9 +122,22 @@ class ProxyState:
     build: BuildInfo
     started_at: float
     unpriced: UnpricedWarnings = field(factory=UnpricedWarnings)
+    circuits: CircuitBoard = field(
+        default=Factory(lambda self: CircuitBoard(self.clock, self._circuit_moved), takes_self=True)
+    )
     draining: bool = False
     inflight: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+
+    def _circuit_moved(self, provider: str, upstream: str, model: str, state: State) -> None:
+        self.metrics.circuit_state(provider, upstream, model, state.value)
+        log.warn(
+            "circuit {provider}/{upstream} {model} is now {state}",
+            provider=provider,
+            upstream=upstream,
+            model=model or "(all models)",
+            state=state.name.lower(),
+        )
 
     def stream_opened(self, provider: str) -> None:
         """

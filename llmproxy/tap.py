@@ -35,6 +35,7 @@ from llmproxy.metrics import Metrics
 from llmproxy.ratelimit import IRateLimiter, limiter_for, rate_limits_for, reconfigure_limiter
 from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
+from llmproxy.shared_circuits import SharedCircuits
 from llmproxy.sinks import ICostSink, cost_sink_for
 from llmproxy.upstream import make_pool, pooled_agents
 from llmproxy.web import gateway_site
@@ -195,6 +196,10 @@ def build_service(
     service = ProxyService(reactor, listen, site, state, pool, reload, observer)
     if sink_service is not None:
         sink_service.setServiceParent(service)
+    limits = config.features.rate_limiting
+    if limits.enabled and limits.backend == "redis":
+        # With the Redis backend, every instance shares its circuit breakers.
+        SharedCircuits(limits.redis.url, state.circuits, reactor).setServiceParent(service)
     for child in [*limiter_children, *spend_children, alerts]:
         child.setServiceParent(service)
     return service

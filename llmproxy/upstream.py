@@ -13,6 +13,7 @@ from typing import Any, cast
 from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -20,6 +21,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import (
     URI,
     Agent,
@@ -29,8 +31,9 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from llmproxy.cloudauth import with_proxy_credentials
 from llmproxy.config import ProviderConfig
-from llmproxy.providers import ProviderFormat, format_for
+from llmproxy.providers import ProviderFormat, provider_format
 
 POOL_IDLE_PER_HOST = 64
 """
@@ -122,16 +125,22 @@ class CachedEndpoints:
         return endpoint
 
 
-def pooled_agents(reactor: object, pool: HTTPConnectionPool) -> AgentFactory:
+def pooled_agents(reactor: Any, pool: HTTPConnectionPool) -> AgentFactory:
     """
     Build one L{Agent} per provider over the shared pool, so each provider
-    has its own connect timeout.
+    has its own connect timeout; a provider that uses the proxy's own cloud
+    credentials gets it wrapped (L{with_proxy_credentials}), resolving them
+    in the reactor's thread pool.
     """
 
     def make(provider: ProviderConfig) -> IAgent:
         endpoints = CachedEndpoints(reactor, provider.timeouts.connect_seconds)
         agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        return agent
+        return with_proxy_credentials(provider, agent, reactor, in_thread)
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        result: Deferred[Any] = deferToThreadPool(reactor, reactor.getThreadPool(), work)
+        return result
 
     return make
 
@@ -142,6 +151,6 @@ def build_upstream(provider: ProviderConfig, agent_for: AgentFactory) -> Upstrea
     """
     return Upstream(
         config=provider,
-        format=format_for(provider.kind),
+        format=provider_format(provider),
         client=HTTPClient(agent_for(provider), cookiejar=cast(Any, no_cookies())),
     )

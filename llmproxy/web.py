@@ -44,15 +44,26 @@ class Gateway:
         runtime = state.runtime
         now = state.clock.seconds()
         providers = {}
+        circuits = state.circuits
         for name, upstream in runtime.upstreams.items():
             counters = state.health.provider(name)
+            upstreams = {}
+            for endpoint in upstream.config.upstreams:
+                status, open_models = circuits.describe(name, endpoint.name)
+                upstreams[endpoint.name] = {
+                    "status": status,
+                    "open_models": open_models,
+                    "in_flight": circuits.in_flight(name, endpoint.name),
+                }
+            available = any(entry["status"] == "healthy" for entry in upstreams.values())
             providers[name] = {
-                "status": state.health.status(name),
+                "status": state.health.status(name) if available else "degraded",
                 "base_url": upstream.config.base_url,
                 "streaming_support": True,
                 "requests": counters.requests,
                 "errors": counters.errors,
                 "active_streams": counters.active_streams,
+                "upstreams": upstreams,
             }
         features = runtime.config.features
         body = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from attrs import Factory, field, frozen
 
@@ -22,8 +23,11 @@ PUBLIC_BASE_URLS: Mapping[str, str] = {
 }
 """Where each built-in provider lives when no config names a C{base_url}."""
 
-PROVIDER_KINDS = ("openai", "anthropic", "gemini")
+PROVIDER_KINDS = ("openai", "anthropic", "gemini", "azure_openai", "bedrock", "vertex")
 """The wire formats llmproxy speaks."""
+
+REGIONAL_KINDS = ("bedrock", "vertex")
+"""Kinds whose C{base_url} can be derived from a C{region}."""
 
 
 @frozen
@@ -84,14 +88,100 @@ class ModelConfig:
     pricing: ModelPricing | None = None
 
 
+def upstream_name(base_url: str) -> str:
+    """
+    The default name of the upstream at C{base_url}: its host, and its port
+    when the URL gives one.
+    """
+    return urlsplit(base_url).netloc.rpartition("@")[2] or base_url
+
+
+@frozen
+class UpstreamConfig:
+    """
+    One place a provider's requests can go.
+
+    @ivar name: shown in metrics, C{/health}, records and
+        C{X-LLM-Proxy-Upstream}; by default the base URL's host (and port).
+    @ivar base_url: scheme, host, optional port and optional path prefix,
+        without a trailing slash.
+    @ivar weight: its share of traffic among the available upstreams of its
+        priority.
+    @ivar priority: lower goes first; a higher one is used only while every
+        lower one is unavailable or has failed for the request.
+    @ivar headers: request headers set (or replaced) for this upstream: a
+        credential the proxy holds, for example.
+    @ivar models: requested model -> the name this upstream knows it by.
+    """
+
+    name: str
+    base_url: str
+    weight: int = 1
+    priority: int = 0
+    headers: Mapping[str, str] = Factory(dict)
+    models: Mapping[str, str] = Factory(dict)
+
+
+@frozen
+class RetryConfig:
+    """
+    Upstream tries per client request, fallbacks included (1: no retry).
+
+    @ivar backoff_seconds: the first backoff before trying an upstream that
+        has already failed for the request; it doubles each time, with
+        full jitter.
+    @ivar max_wait_seconds: the longest C{Retry-After} worth waiting for.
+    """
+
+    max_attempts: int = 3
+    backoff_seconds: float = 0.25
+    max_wait_seconds: float = 10.0
+
+
+@frozen
+class StreamGateConfig:
+    """
+    How long a stream's opening events are held back, waiting for its first
+    content event (so a failure before it can still be retried); C{0} in
+    either turns the gate off.
+    """
+
+    max_bytes: int = 16384
+    max_seconds: float = 10.0
+
+
+@frozen
+class CircuitBreakerConfig:
+    """
+    C{failures} consecutive failed attempts on one upstream for one model
+    open its circuit for C{cooldown_seconds}.
+    """
+
+    failures: int = 5
+    cooldown_seconds: float = 30.0
+
+
 @frozen
 class ProviderConfig:
     """
-    One mounted provider: requests under C{/<name>/} go to C{base_url}.
+    One mounted provider: requests under C{/<name>/} go to its upstreams.
 
-    @ivar kind: the wire format (C{openai}, C{anthropic} or C{gemini}).
-    @ivar base_url: scheme, host, optional port and optional path prefix,
-        without a trailing slash.
+    @ivar kind: the wire format (one of L{PROVIDER_KINDS}).
+    @ivar base_url: the first upstream's base URL (the one-upstream short
+        form of C{upstreams}): scheme, host, optional port and optional path
+        prefix, without a trailing slash.
+    @ivar upstreams: where requests go; by default the one at C{base_url}.
+    @ivar fallback: other mounts of the same kind, tried in order once
+        every upstream of this one is unavailable or has failed.
+    @ivar deployments: C{azure_openai}: deployment name -> the model it runs
+        (for prices, limits and records).
+    @ivar region: C{bedrock}: the AWS region; C{vertex}: the Google Cloud
+        region (or C{global}); the default C{base_url} is derived from it.
+    @ivar aws_sigv4: C{bedrock}: sign every request with the proxy's own AWS
+        credentials (SigV4), replacing the client's authorization.
+    @ivar google_adc: C{vertex}: send every request with an OAuth token from
+        the proxy's own Application Default Credentials, replacing the
+        client's authorization.
     """
 
     name: str
@@ -101,6 +191,18 @@ class ProviderConfig:
     timeouts: Timeouts = Factory(Timeouts)
     models: Mapping[str, ModelConfig] = Factory(dict)
     inject_stream_usage: bool = True
+    upstreams: tuple[UpstreamConfig, ...] = Factory(
+        lambda self: (UpstreamConfig(name=upstream_name(self.base_url), base_url=self.base_url),),
+        takes_self=True,
+    )
+    fallback: tuple[str, ...] = ()
+    retry: RetryConfig = Factory(RetryConfig)
+    stream_gate: StreamGateConfig = Factory(StreamGateConfig)
+    circuit_breaker: CircuitBreakerConfig = Factory(CircuitBreakerConfig)
+    deployments: Mapping[str, str] = Factory(dict)
+    region: str | None = None
+    aws_sigv4: bool = False
+    google_adc: bool = False
 
 
 @frozen

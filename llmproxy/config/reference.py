@@ -59,12 +59,100 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
     (
         f"{_P}.kind",
         "(the name)",
-        "Wire format: `openai`, `anthropic` or `gemini`; required for a name that is not built in",
+        "Wire format: `openai`, `anthropic`, `gemini`, `azure_openai`, `bedrock` or `vertex`; "
+        "required for a name that is not built in",
     ),
     (
         f"{_P}.base_url",
         "(public API)",
-        "Upstream scheme, host, optional port and path prefix; required for a name not built in",
+        "Upstream scheme, host, optional port and path prefix; required for a name not built in "
+        "(`bedrock` and `vertex` may give `region` instead)",
+    ),
+    (
+        f"{_P}.region",
+        "(none)",
+        "`bedrock`: the AWS region (`us-east-1`); `vertex`: the Google Cloud region "
+        "(`us-central1`) or `global`; sets the default `base_url`",
+    ),
+    (
+        f"{_P}.deployments",
+        None,
+        "`azure_openai`: deployment name to the model it runs, for prices, limits and records",
+    ),
+    (
+        f"{_P}.aws_sigv4",
+        None,
+        "`bedrock`: sign every request with the proxy's own AWS credentials (SigV4), "
+        "replacing the client's; needs `llmproxy[aws]`",
+    ),
+    (
+        f"{_P}.google_adc",
+        None,
+        "`vertex`: authorize every request with the proxy's own Application Default "
+        "Credentials, replacing the client's; needs `llmproxy[gcp]`",
+    ),
+    (
+        f"{_P}.upstreams",
+        "(one, at `base_url`)",
+        "Several upstreams instead of `base_url`: a list of the keys below",
+    ),
+    (f"{_P}.upstreams[].name", "(the host)", "Shown in metrics, `/health`, records, headers"),
+    (f"{_P}.upstreams[].base_url", "(required)", "As `base_url`, for this upstream"),
+    (f"{_P}.upstreams[].weight", "1", "Share of traffic among available upstreams of a priority"),
+    (
+        f"{_P}.upstreams[].priority",
+        "0",
+        "Lower goes first; higher only while every lower one is unavailable or failed",
+    ),
+    (
+        f"{_P}.upstreams[].headers",
+        "{}",
+        "Request headers set for this upstream (a credential the proxy holds)",
+    ),
+    (
+        f"{_P}.upstreams[].models",
+        "{}",
+        "Requested model -> the name this upstream knows it by",
+    ),
+    (
+        f"{_P}.fallback",
+        None,
+        "Other providers of the same kind, tried in order when every upstream has failed",
+    ),
+    (
+        f"{_P}.retry.max_attempts",
+        None,
+        "Upstream tries per request, fallbacks included; `1` = no retry",
+    ),
+    (
+        f"{_P}.retry.backoff_seconds",
+        None,
+        "First wait before retrying an upstream that failed; doubles, full jitter",
+    ),
+    (
+        f"{_P}.retry.max_wait_seconds",
+        None,
+        "Longest `Retry-After` waited for; a longer one moves on or answers",
+    ),
+    (
+        f"{_P}.stream_gate.max_bytes",
+        None,
+        "Stream bytes held back waiting for the first content event; `0` = no gate",
+    ),
+    (
+        f"{_P}.stream_gate.max_seconds",
+        None,
+        "Longest a stream is held back for its first content event; `0` = no gate",
+    ),
+    (
+        f"{_P}.circuit_breaker.failures",
+        None,
+        "Consecutive failed attempts on one upstream and model that open its circuit",
+    ),
+    (
+        f"{_P}.circuit_breaker.cooldown_seconds",
+        None,
+        "How long an open circuit is skipped before one request probes it",
     ),
     (
         f"{_P}.inject_stream_usage",

@@ -13,25 +13,55 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from llmproxy.config import ProviderConfig
 from llmproxy.providers.anthropic import AnthropicFormat
+from llmproxy.providers.azure import AzureOpenAIFormat
+from llmproxy.providers.bedrock import BedrockFormat
 from llmproxy.providers.format import Inspection, ProviderFormat, RequestFacts
 from llmproxy.providers.gemini import GeminiFormat
 from llmproxy.providers.meters import Meter
 from llmproxy.providers.openai import OpenAIFormat
+from llmproxy.providers.vertex import VertexFormat
 
-__all__ = ["Inspection", "Meter", "ProviderFormat", "RequestFacts", "format_for"]
+__all__ = [
+    "Inspection",
+    "Meter",
+    "ProviderFormat",
+    "RequestFacts",
+    "format_for",
+    "provider_format",
+]
 
 _FORMATS: Mapping[str, ProviderFormat] = {
-    format.kind: format for format in (OpenAIFormat(), AnthropicFormat(), GeminiFormat())
+    format.kind: format
+    for format in (
+        OpenAIFormat(),
+        AnthropicFormat(),
+        GeminiFormat(),
+        AzureOpenAIFormat({}),
+        BedrockFormat(),
+        VertexFormat(),
+    )
 }
 
 
 def format_for(kind: str) -> ProviderFormat:
     """
-    The wire format for a provider C{kind}: C{"openai"}, C{"anthropic"} or
-    C{"gemini"}.  Formats hold no per-request state, so one of each is
-    shared.
+    The wire format for a provider C{kind} (one of
+    L{llmproxy.config.PROVIDER_KINDS}), without any provider's settings.
+    Formats hold no per-request state, so one of each is shared.
 
     @raise KeyError: for any other kind.
     """
     return _FORMATS[kind]
+
+
+def provider_format(provider: ProviderConfig) -> ProviderFormat:
+    """
+    The wire format of one configured provider: L{format_for} its kind,
+    except where the format reads the provider's settings (an Azure
+    deployment map).
+    """
+    if provider.kind == "azure_openai" and provider.deployments:
+        return AzureOpenAIFormat(provider.deployments)
+    return format_for(provider.kind)

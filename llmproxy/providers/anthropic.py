@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.format import ProviderFormat, RequestFacts, StreamEvent
 from llmproxy.providers.keyscan import KeyScanner
 from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.openai import (
@@ -30,12 +30,16 @@ from llmproxy.providers.openai import (
     describe_openai,
     openai_meter_for,
     openai_prompt_chars,
+    openai_stream_event,
 )
 from llmproxy.providers.prompt import text_chars
 from llmproxy.providers.wire import as_int, as_str, dig, first_limit, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("request-id",)
+
+PRELUDE_EVENTS = frozenset({b"message_start", b"content_block_start", b"ping"})
+"""Messages stream events that come before any content."""
 
 _USAGE_FIELDS = (
     "input_tokens",
@@ -240,6 +244,23 @@ class AnthropicFormat(ProviderFormat):
         if sse:
             return MessagesStreamMeter(tally)
         return JSONBodyMeter(tally, EXTRACTOR)
+
+    def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
+        """
+        Messages streams open with C{message_start}, C{content_block_start}
+        and C{ping}; content begins with anything else.
+        """
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_stream_event(facts, event)
+        name = event.event
+        if not name:
+            match = _TYPE.search(event.data, 0, 64)
+            name = match.group(1) if match else b""
+        if name == b"error":
+            return StreamEvent.ERROR
+        if name in PRELUDE_EVENTS:
+            return StreamEvent.PRELUDE
+        return StreamEvent.CONTENT
 
     def error_body(self, status: int, message: str) -> bytes:
         return _error_json(status, message)

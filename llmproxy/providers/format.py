@@ -14,12 +14,22 @@ promise never to raise live here once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import enum
+from collections.abc import Callable, Mapping
 
+import orjson
 from attrs import evolve, frozen
 
 from llmproxy.providers.meters import Meter, NullMeter, Tally, new_tally
-from llmproxy.providers.wire import decode_path, is_json_type, media_type, parse_json_body
+from llmproxy.providers.wire import decode_path, is_json_type, loads, media_type, parse_json_body
+from llmproxy.sse import Event
+
+StreamError = Callable[[int, str], bytes | None]
+"""
+How to tell a client's SDK that a streamed response failed midway: status
+and message to the bytes that end the stream, or L{None} when no bytes can
+(the connection is cut instead).
+"""
 
 GENERATION_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose responses can report usage; C{GET} only re-reads old results."""
@@ -72,6 +82,19 @@ class Inspection:
     facts: RequestFacts
     body: bytes
     strip_usage_chunk: bool = False
+
+
+class StreamEvent(enum.Enum):
+    """
+    What one event of a streamed response is, for the stream gate.
+    """
+
+    PRELUDE = "prelude"
+    """Before any content: it can still be taken back (a retry replaces it)."""
+    CONTENT = "content"
+    """Content (or the stream's normal end): from here on it is the client's."""
+    ERROR = "error"
+    """The provider's own error event."""
 
 
 class ProviderFormat(abc.ABC):
@@ -144,7 +167,55 @@ class ProviderFormat(abc.ABC):
         media = media_type(content_type)
         if media == b"text/event-stream" or is_json_type(media):
             return self.meter_for(facts, tally, media == b"text/event-stream", strip_usage_chunk)
-        return NullMeter(tally)
+        return self.meter_for_media(facts, tally, media)
+
+    def stream_error(
+        self, facts: RequestFacts, content_type: bytes | None, meter: Meter | None
+    ) -> StreamError | None:
+        """
+        How to end a streamed response that failed midway, so the client's
+        SDK raises: for an event stream, a blank line (ending any event the
+        upstream left half-written) and this provider's L{sse_error_event};
+        for other bodies L{None}: the connection is cut.
+
+        @param meter: the response's meter (L{None} when it is not metered).
+        """
+        if media_type(content_type) != b"text/event-stream":
+            return None
+        event = self.sse_error_event
+        return lambda status, message: b"\n\n" + event(status, message)
+
+    def error_headers(self, status: int) -> tuple[tuple[bytes, bytes], ...]:
+        """
+        Headers an error answer the proxy makes carries besides its body
+        (Bedrock names the error in one); none by default.
+        """
+        return ()
+
+    def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
+        """
+        What an event of a streamed response to C{facts} is; only events
+        before the first content event are asked about. By default every
+        event is content (nothing is held back).
+        """
+        return StreamEvent.CONTENT
+
+    def rename_model(
+        self, facts: RequestFacts, path: bytes, body: bytes, model: str
+    ) -> tuple[bytes, bytes]:
+        """
+        The path and body of the request, naming C{model} instead of the
+        requested one (an upstream that knows the model by another name).
+        By default the JSON body's C{model}.
+        """
+        parsed = loads(body)
+        if not isinstance(parsed, dict) or "model" not in parsed:
+            return path, body
+        parsed["model"] = model
+        try:
+            return path, orjson.dumps(parsed)
+        except (TypeError, ValueError):
+            return path, body
 
     # -- the parts each provider fills in -------------------------------------
 
@@ -182,6 +253,13 @@ class ProviderFormat(abc.ABC):
 
         @param strip: remove the usage-only event L{ask_stream_usage} asked for.
         """
+
+    def meter_for_media(self, facts: RequestFacts, tally: Tally, media: bytes | None) -> Meter:
+        """
+        The meter for a response that is neither JSON nor SSE (Bedrock's
+        binary event stream); by default such a body is not metered.
+        """
+        return NullMeter(tally)
 
     @abc.abstractmethod
     def error_body(self, status: int, message: str) -> bytes:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 
-from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.format import ProviderFormat, RequestFacts, StreamEvent
 from llmproxy.providers.keyscan import KeyScanner
 from llmproxy.providers.meters import (
     Extractor,
@@ -38,6 +39,7 @@ from llmproxy.providers.openai import (
     describe_openai,
     openai_meter_for,
     openai_prompt_chars,
+    openai_stream_event,
 )
 from llmproxy.providers.prompt import text_chars
 from llmproxy.providers.wire import (
@@ -286,6 +288,35 @@ class GeminiFormat(ProviderFormat):
         if facts.endpoint == "streamGenerateContent":
             return ScanMeter(tally, EXTRACTOR)
         return JSONBodyMeter(tally, EXTRACTOR)
+
+    def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
+        """
+        Every Gemini stream event is a response with content, or an error.
+        """
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return openai_stream_event(facts, event)
+        head = event.data[:64].lstrip()
+        if head.startswith(b'{"error"') or head.startswith(b'{ "error"'):
+            return StreamEvent.ERROR
+        return StreamEvent.CONTENT
+
+    def rename_model(
+        self, facts: RequestFacts, path: bytes, body: bytes, model: str
+    ) -> tuple[bytes, bytes]:
+        """
+        Gemini names the model in the path: C{.../models/<model>:<method>}.
+        """
+        if facts.endpoint in COMPATIBLE_ENDPOINTS:
+            return super().rename_model(facts, path, body, model)
+        segments = path.split(b"/")
+        for index in range(1, len(segments)):
+            if segments[index - 1] not in (b"models", b"tunedModels"):
+                continue
+            name, colon, action = unquote_to_bytes(segments[index]).partition(b":")
+            if colon and name.decode("utf-8", "replace") == facts.model:
+                segments[index] = quote(model, safe="").encode() + b":" + action
+                return b"/".join(segments), body
+        return path, body
 
     def error_body(self, status: int, message: str) -> bytes:
         return _error_json(status, message)

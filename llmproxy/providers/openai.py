@@ -26,14 +26,14 @@ from collections.abc import Mapping
 
 import orjson
 
-from llmproxy.providers.format import ProviderFormat, RequestFacts
+from llmproxy.providers.format import ProviderFormat, RequestFacts, StreamEvent
 from llmproxy.providers.keyscan import KeyScanner
 from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.prompt import text_chars
 from llmproxy.providers.wire import as_int, as_str, dig, first_limit, json_string, loads
 from llmproxy.sse import Event
 
-ID_HEADERS = ("x-request-id",)
+ID_HEADERS: tuple[str, ...] = ("x-request-id",)
 
 STREAM_USAGE_ENDPOINTS = frozenset({"chat.completions", "completions"})
 """Endpoints whose streams report usage only when asked to."""
@@ -48,6 +48,13 @@ RESPONSES_FINAL_EVENTS = frozenset(
     {b"response.completed", b"response.incomplete", b"response.failed"}
 )
 RESPONSES_START_EVENTS = frozenset({b"response.created", b"response.in_progress"})
+RESPONSES_PRELUDE_EVENTS = RESPONSES_START_EVENTS | frozenset(
+    {b"response.output_item.added", b"response.content_part.added"}
+)
+"""Responses events that come before any content."""
+RESPONSES_ERROR_EVENTS = frozenset({b"error", b"response.failed"})
+
+_DELTA_CONTENT = ("content", "tool_calls", "function_call", "refusal", "reasoning_content")
 
 # (type, code) per status, as the OpenAI API answers them.
 _ERRORS: Mapping[int, tuple[str, str | None]] = {
@@ -299,6 +306,43 @@ class ResponsesStreamMeter(SSEMeter):
         return False
 
 
+def openai_stream_event(facts: RequestFacts, event: Event) -> StreamEvent:
+    """
+    What an event of an OpenAI-style stream is: Chat Completions and
+    Completions chunks are content once a choice carries text, a tool call
+    or a finish reason; Responses events once past the opening ones.
+    """
+    if event.event == b"error" or event.data[:16].lstrip().startswith(b'{"error"'):
+        return StreamEvent.ERROR
+    if facts.endpoint == "responses":
+        name = event.event
+        if not name:
+            match = _TYPE.search(event.data, 0, 256)
+            name = match.group(1) if match else b""
+        if name in RESPONSES_ERROR_EVENTS:
+            return StreamEvent.ERROR
+        return StreamEvent.PRELUDE if name in RESPONSES_PRELUDE_EVENTS else StreamEvent.CONTENT
+    if event.data.strip() == b"[DONE]":
+        return StreamEvent.CONTENT
+    chunk = loads(event.data)
+    if not isinstance(chunk, dict):
+        return StreamEvent.CONTENT
+    if "error" in chunk:
+        return StreamEvent.ERROR
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return StreamEvent.CONTENT
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if choice.get("text") or choice.get("finish_reason"):
+            return StreamEvent.CONTENT
+        if isinstance(delta, dict) and any(delta.get(key) for key in _DELTA_CONTENT):
+            return StreamEvent.CONTENT
+    return StreamEvent.PRELUDE
+
+
 def openai_meter_for(facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
     """
     The meter for an OpenAI-style response, shared with the
@@ -350,6 +394,9 @@ class OpenAIFormat(ProviderFormat):
 
     def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
         return openai_meter_for(facts, tally, sse, strip)
+
+    def stream_event(self, facts: RequestFacts, event: Event) -> StreamEvent:
+        return openai_stream_event(facts, event)
 
     def error_body(self, status: int, message: str) -> bytes:
         return openai_error_body(status, message)

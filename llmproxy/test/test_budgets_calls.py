@@ -12,11 +12,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import orjson
 
 from llmproxy.budgets import Hold, MemorySpendStore
 from llmproxy.budgets.policy import NANOS_PER_USD, usd_to_nanos
-from llmproxy.config import Config, Estimation
+from llmproxy.config import Config, Estimation, RetryConfig
 from llmproxy.ratelimit import estimate_tokens
 from llmproxy.test.test_budgets import record_line
 from llmproxy.test.test_call import ANTHROPIC, RefusingAgent, config, with_knobs
@@ -75,10 +76,23 @@ def budget_config(
         price = {"input": INPUT_PRICE, "output": OUTPUT_PRICE}
         return {model: {"pricing": price} for model in models}
 
+    once = {"max_attempts": 1}
     providers = {
-        "openai": {"base_url": "http://fake-openai", "models": priced("gpt-4o-mini", "gpt-4o")},
-        "anthropic": {"base_url": "http://fake-anthropic", "models": priced("claude-sonnet-4-5")},
-        "gemini": {"base_url": "http://fake-gemini", "models": priced("gemini-2.0-flash")},
+        "openai": {
+            "base_url": "http://fake-openai",
+            "models": priced("gpt-4o-mini", "gpt-4o"),
+            "retry": once,
+        },
+        "anthropic": {
+            "base_url": "http://fake-anthropic",
+            "models": priced("claude-sonnet-4-5"),
+            "retry": once,
+        },
+        "gemini": {
+            "base_url": "http://fake-gemini",
+            "models": priced("gemini-2.0-flash"),
+            "retry": once,
+        },
     }
     auth: dict[str, Any] = {"mode": mode, "keys": list(keys), "credentials": CREDENTIALS}
     if per_user:
@@ -240,6 +254,27 @@ class ChargeTests(BudgetTestCase):
         self.assertEqual(received.status, 500)
         self.assertEqual(self.spent(), 0.0)
         self.assertEqual(self.store().spent("key:team-a", "day", 0.0), 0)
+
+    def test_retried_once_reserved(self) -> None:
+        """
+        A request retried upstream reserves its worst case once, and
+        failing on every attempt is charged nothing.
+        """
+        retrying = budget_config(key_entry(budget={"daily_usd": RESERVED}))
+        openai = attrs.evolve(retrying.providers["openai"], retry=RetryConfig(max_attempts=3))
+        self.proxy = MemoryProxy(
+            attrs.evolve(retrying, providers={**retrying.providers, "openai": openai})
+        )
+        answers: list[Received] = []
+        self.proxy.request(
+            b"POST", CHAT_PATH, with_knobs(bearer(KEY), status="500"), chat()
+        ).addCallback(answers.append)
+        self.proxy.advance(30)
+        [received] = answers
+        self.assertEqual(received.status, 500)
+        self.assertEqual(len(self.proxy.fake.received), 3)
+        self.assertEqual(self.store().spent("key:team-a", "day", 30.0), 0)
+        self.assertEqual(self.send(CHAT_PATH, bearer(KEY), chat()).status, 200)
 
     def test_unreachable(self) -> None:
         """

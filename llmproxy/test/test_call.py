@@ -47,18 +47,21 @@ MESSAGES = orjson.dumps(
 
 def config(**sections: Any) -> Config:
     """
-    The three providers (each served by the fake in memory) and prices for
-    the models these tests use, with C{sections} merged over them. (Records
+    The three providers (each served by the fake in memory, one attempt per
+    request: retries are tested on their own) and prices for the models
+    these tests use, with C{sections} merged over them. (Records
     go to the memory proxy's own sink whatever cost tracking says.)
     """
+    once = {"max_attempts": 1}
     data: dict[str, Any] = {
         "providers": {
             "openai": {
                 "base_url": "http://fake-openai",
                 "models": {"gpt-4o-mini": {"pricing": {"input": 0.15, "output": 0.6}}},
+                "retry": once,
             },
-            "anthropic": {"base_url": "http://fake-anthropic/"},
-            "gemini": {"base_url": "http://fake-gemini"},
+            "anthropic": {"base_url": "http://fake-anthropic/", "retry": once},
+            "gemini": {"base_url": "http://fake-gemini", "retry": once},
         },
     }
     for name, value in sections.items():
@@ -292,7 +295,11 @@ class TimeoutTests(CallTestCase):
         timeouts = {"first_byte_seconds": 2, "idle_seconds": 1, "total_seconds": 5}
         data = config()
         providers = {
-            name: {"base_url": provider.base_url, "timeouts": timeouts}
+            name: {
+                "base_url": provider.base_url,
+                "timeouts": timeouts,
+                "retry": {"max_attempts": 1},
+            }
             for name, provider in data.providers.items()
         }
         return config(providers=providers)
@@ -354,6 +361,7 @@ class TimeoutTests(CallTestCase):
                     "openai": {
                         "base_url": "http://fake",
                         "timeouts": {"first_byte_seconds": 10, "total_seconds": 1},
+                        "retry": {"max_attempts": 1},
                     }
                 }
             )

@@ -61,6 +61,15 @@ def _matches(pattern: str, key: str) -> bool:
     )
 
 
+def _names_list(key: str, field: str) -> bool:
+    """
+    Whether a reference key names the list a model key is an item key of
+    (C{providers.<name>.upstreams} for C{providers.<>.upstreams[].name}).
+    """
+    head, brackets, _ = field.partition("[]")
+    return bool(brackets) and _matches(key, head)
+
+
 class ReferenceKeysTests(SynchronousTestCase):
     def test_every_model_field_is_documented(self) -> None:
         documented = [key for key, _, _ in reference_keys()]
@@ -86,7 +95,9 @@ class ReferenceKeysTests(SynchronousTestCase):
             self.assertTrue(default)
             if any(marker in key or key == marker for marker in yaml_only):
                 continue
-            self.assertTrue(any(_matches(key, field) for field in model), key)
+            self.assertTrue(
+                any(_matches(key, field) or _names_list(key, field) for field in model), key
+            )
 
     def test_defaults_come_from_the_model(self) -> None:
         rows = {key: default for key, default, _ in reference_keys()}

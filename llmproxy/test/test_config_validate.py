@@ -28,7 +28,8 @@ class SectionTests(FilesMixin):
         self.assertOneError(
             "providers:\n  groq: {kind: groq, base_url: 'https://api.groq.com/openai'}\n",
             "providers.groq.kind",
-            "expected one of 'openai', 'anthropic', 'gemini', got 'groq'",
+            "expected one of 'openai', 'anthropic', 'gemini', 'azure_openai', 'bedrock', "
+            "'vertex', got 'groq'",
         )
 
     def test_custom_provider_needs_kind_and_base_url(self) -> None:
@@ -37,7 +38,8 @@ class SectionTests(FilesMixin):
             self.errors([path]),
             [
                 f"{path}: providers.local.kind: expected one of 'openai', 'anthropic', "
-                "'gemini' (required for a provider that is not built in), got nothing",
+                "'gemini', 'azure_openai', 'bedrock', 'vertex' (required for a provider that "
+                "is not built in), got nothing",
                 f"{path}: providers.local.base_url: expected an http(s) URL (required for a "
                 "provider that is not built in), got nothing",
             ],

@@ -19,6 +19,24 @@ class CredentialTests(SynchronousTestCase):
         both = Headers({b"Authorization": [b"Bearer first"], b"x-api-key": [b"second"]})
         self.assertEqual(credential(both, b"key=third"), b"first")
 
+    def test_cloud_credentials(self) -> None:
+        """
+        Azure's C{api-key} header is a credential; a SigV4-signed request is
+        known by its access key id, never by its signature.
+        """
+        self.assertEqual(credential(Headers({b"api-key": [b"az-5"]}), b""), b"az-5")
+        signed = Headers(
+            {
+                b"Authorization": [
+                    b"AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20250101/us-east-1/bedrock/"
+                    b"aws4_request, SignedHeaders=host;x-amz-date, Signature=abcdef0123"
+                ]
+            }
+        )
+        self.assertEqual(credential(signed, b""), b"AKIDEXAMPLE")
+        bad = Headers({b"Authorization": [b"AWS4-HMAC-SHA256 Signature=abc"]})
+        self.assertIsNone(credential(bad, b""))
+
     def test_none(self) -> None:
         self.assertIsNone(credential(Headers({b"Authorization": [b"Basic abc"]}), b"keyx=1"))
         self.assertIsNone(credential(Headers({b"Authorization": [b"Bearer   "]}), b""))

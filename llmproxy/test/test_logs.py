@@ -86,6 +86,27 @@ class RedactTests(SynchronousTestCase):
         self.assertEqual(redact("short 0123456789abcdef", secrets), "short 0123456789abcdef")
         self.assertEqual(redact("x another-secret-value", secrets), "x [REDACTED]")
 
+    def test_cloud_credentials(self) -> None:
+        """
+        AWS signatures and session tokens, Bedrock API keys and Google OAuth
+        tokens never reach a log line; an access key id (no secret) may.
+        """
+        signed = (
+            "authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20250101/us-east-1/"
+            "bedrock/aws4_request, SignedHeaders=host, Signature=" + "ab12" * 16
+        )
+        self.assertNotIn("ab12ab12", redact(signed))
+        secrets = (
+            "ABSKQmVkcm9ja0FQSUtleS1wbGFpbi1vcGFxdWU=",
+            "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29tLz9BY3Rpb24",
+            "ya29.a0AfH6SMBplainopaquetoken42xyz",
+        )
+        for secret in secrets:
+            self.assertNotIn(secret, redact(f"upstream said: bad token {secret}"))
+        token = redact("(b'X-Amz-Security-Token', [b'FwoGZXIvYXdzEJrplainopaque'])")
+        self.assertNotIn("FwoGZXIvYXdzEJrplainopaque", token)
+        self.assertIn("AKIDEXAMPLE", redact(signed))
+
     def test_ordinary_text_untouched(self) -> None:
         text = "POST /openai/v1/chat/completions 200 12.5ms tokens=42"
         self.assertEqual(redact(text), text)

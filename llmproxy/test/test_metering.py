@@ -495,6 +495,8 @@ FIELDS = [
     "total_cost",
     "duration_ms",
     "ttfb_ms",
+    "upstream",
+    "attempts",
 ]
 """The cost record's fields, in the order docs/cost-tracking.md lists them."""
 
@@ -534,6 +536,8 @@ class CostRecordTests(SynchronousTestCase):
             cost=BOOK.cost("anthropic", "claude-sonnet-4-5-20250929", self.usage),
             duration_ms=1234.5678912,
             ttfb_ms=321.0004999,
+            upstream="anthropic/api.anthropic.com",
+            attempts=2,
         )
         args.update(kw)
         data = make_record(**args).to_json()
@@ -572,6 +576,8 @@ class CostRecordTests(SynchronousTestCase):
                 "total_cost": rec["total_cost"],
                 "duration_ms": 1234.568,
                 "ttfb_ms": 321.0,
+                "upstream": "anthropic/api.anthropic.com",
+                "attempts": 2,
             },
         )
         self.assertAlmostEqual(rec["input_cost"], 0.0153, delta=USD)

@@ -28,7 +28,7 @@ class FormatForTests(SynchronousTestCase):
             self.assertEqual(format_for(kind).kind, kind)
 
     def test_unknown(self) -> None:
-        self.assertRaises(KeyError, format_for, "bedrock")
+        self.assertRaises(KeyError, format_for, "cohere")
 
 
 class RequestFactsTests(SynchronousTestCase):

@@ -125,6 +125,27 @@ class MemoryAgent:
         return moved
 
 
+@implementer(IAgent)
+class _ByHost:
+    """
+    Sends each request to the agent of its URI's host, or to a default one.
+    """
+
+    def __init__(self, agents: Mapping[bytes, MemoryAgent], default: MemoryAgent) -> None:
+        self._agents = agents
+        self._default = default
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        agent = self._agents.get(URI.fromBytes(uri).host, self._default)
+        return agent.request(method, uri, headers, bodyProducer)
+
+
 @implementer(ICostSink)
 class RecordingCostSink:
     """
@@ -207,6 +228,7 @@ class MemoryProxy:
         config: Config,
         limiter: IRateLimiter | None = None,
         upstream_agent: IAgent | None = None,
+        hosts: Sequence[str] = (),
         *,
         spend: ISpendStore | None = None,
         webhook: Post | None = None,
@@ -216,7 +238,10 @@ class MemoryProxy:
         @param limiter: the rate limiter; by default the one C{config} asks
             for (a memory limiter on L{clock}, or none).
         @param upstream_agent: how the proxy reaches its upstreams; by
-            default an in-memory connection to L{fake}.
+            default in-memory connections to the fakes.
+        @param hosts: upstream host names that get a fake of their own (in
+            L{fakes}), for tests with several upstreams; every other host is
+            served by L{fake}.
         @param spend: the budgets' spend store; by default the one C{config}
             asks for (in memory, rebuilt from its cost-record file at once).
         @param webhook: how budget alerts are POSTed (see L{alerts}).
@@ -225,8 +250,15 @@ class MemoryProxy:
         self.clock = MemoryReactorClock()
         self.clock.advance(start)
         self.fake = FakeUpstream(self.clock)
+        self.fakes = {host: FakeUpstream(self.clock) for host in hosts}
+        self.upstream_links = {
+            host.encode("ascii"): MemoryAgent(fake.site(), peer_port=40002 + index)
+            for index, (host, fake) in enumerate(self.fakes.items())
+        }
         self.upstream_link = MemoryAgent(self.fake.site(), peer_port=40001)
-        self.upstream_agent: IAgent = upstream_agent or self.upstream_link
+        self.upstream_agent: IAgent = upstream_agent or _ByHost(
+            self.upstream_links, self.upstream_link
+        )
         if limiter is None:
             limiter = limiter_for(rate_limits_for(config), self.clock)
         metrics = Metrics()
@@ -304,6 +336,8 @@ class MemoryProxy:
             self.clock.advance(0)
             moved = self.client.pump()
             moved = self.upstream_link.pump() or moved
+            for link in self.upstream_links.values():
+                moved = link.pump() or moved
             if not moved:
                 return
         raise RuntimeError("the in-memory network never settled")

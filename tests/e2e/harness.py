@@ -21,7 +21,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from llmproxy.config import Config, ProviderConfig, ServerConfig, Timeouts
+from llmproxy.config import (
+    CircuitBreakerConfig,
+    Config,
+    ProviderConfig,
+    RetryConfig,
+    ServerConfig,
+    Timeouts,
+)
 from llmproxy.service import ProxyService
 from llmproxy.tap import build_service
 from llmproxy.testing.fake_upstream import FakeUpstream, listen
@@ -49,17 +56,28 @@ def provider_configs(base: str, timeouts: Timeouts | None = None) -> dict[str, P
     """
     The three providers plus an OpenAI-compatible one mounted at C{/vllm/}
     whose base URL has a path prefix.
+
+    One attempt per request and no circuit breaking: these suites check
+    what passes through, so an upstream error must reach the client as it
+    is, however many a test provokes (resilience has suites of its own).
     """
     timeouts = timeouts or Timeouts(connect_seconds=2, first_byte_seconds=5, idle_seconds=5)
+
+    def provider(name: str, kind: str, url: str) -> ProviderConfig:
+        return ProviderConfig(
+            name=name,
+            kind=kind,
+            base_url=url,
+            timeouts=timeouts,
+            retry=RetryConfig(max_attempts=1),
+            circuit_breaker=CircuitBreakerConfig(failures=1_000_000),
+        )
+
     return {
-        "openai": ProviderConfig(name="openai", kind="openai", base_url=base, timeouts=timeouts),
-        "anthropic": ProviderConfig(
-            name="anthropic", kind="anthropic", base_url=base, timeouts=timeouts
-        ),
-        "gemini": ProviderConfig(name="gemini", kind="gemini", base_url=base, timeouts=timeouts),
-        "vllm": ProviderConfig(
-            name="vllm", kind="openai", base_url=base + "/prefix", timeouts=timeouts
-        ),
+        "openai": provider("openai", "openai", base),
+        "anthropic": provider("anthropic", "anthropic", base),
+        "gemini": provider("gemini", "gemini", base),
+        "vllm": provider("vllm", "openai", base + "/prefix"),
     }
 
 

@@ -48,9 +48,19 @@ class HealthTests(ProxyTestCase):
         for provider in health["providers"].values():
             self.assertEqual(
                 set(provider),
-                {"status", "base_url", "streaming_support", "requests", "errors", "active_streams"},
+                {
+                    "status",
+                    "base_url",
+                    "streaming_support",
+                    "requests",
+                    "errors",
+                    "active_streams",
+                    "upstreams",
+                },
             )
             self.assertEqual(provider["status"], "healthy")
+            [upstream] = provider["upstreams"].values()
+            self.assertEqual(upstream, {"status": "healthy", "open_models": [], "in_flight": 0})
         self.assertEqual(health["features"]["rate_limiting"], False)
         self.assertEqual(health["features"]["cost_tracking"], False)
         self.assertEqual(len(self.fake.received), 0, "health never calls an upstream")

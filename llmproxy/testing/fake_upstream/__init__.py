@@ -1,7 +1,7 @@
 # -*- test-case-name: llmproxy.test.test_fake_upstream -*-
 """
-A fake LLM upstream: the OpenAI, Anthropic and Gemini HTTP APIs as their
-SDKs see them, with knobs for the failures a proxy has to survive.
+A fake LLM upstream: the OpenAI, Anthropic, Gemini, Azure OpenAI, Bedrock
+and Vertex AI HTTP APIs as their SDKs see them, with knobs for the failures a proxy has to survive.
 
 Every end-to-end test, the SDK compatibility suite and the benchmarks talk
 to this instead of the real providers.  Its wire formats (status codes,
@@ -83,6 +83,22 @@ works) and records exactly what arrived (L{ReceivedRequest.uri}).
     C{Authorization: Bearer} (none: 403 C{PERMISSION_DENIED}).  Errors
     C{{"error": {"code", "message", "status"}}}.
 
+  - Azure OpenAI: the OpenAI routes under C{/openai/deployments/<d>/...}
+    (they match on the path's end), with C{api-key} auth.
+  - Amazon Bedrock Runtime: C{POST .../model/<modelId>/converse},
+    C{converse-stream}, C{invoke}, C{invoke-with-response-stream} (streams
+    as binary event streams, one frame per chunk written; L{bedrock}).
+    Auth: a SigV4 signature by the test credential
+    (L{sigv4.TEST_ACCESS_KEY}, checked against what arrived) or a Bedrock
+    API key (C{Authorization: Bearer}).  Errors C{{"message"}} with
+    C{x-amzn-ErrorType}; a stream's error is an exception frame.
+  - Vertex AI: Gemini's routes serve C{.../publishers/google/models/...};
+    C{POST .../publishers/anthropic/models/<m>:rawPredict} and
+    C{:streamRawPredict} answer as Anthropic (model from the path,
+    C{anthropic_version} in the body); auth as Gemini (a Bearer token).
+    C{POST .../token} issues OAuth access tokens (C{ya29.fake-token-...})
+    to google-auth's refresh, for Application Default Credentials.
+
 An API key starting with C{invalid} is rejected the way each provider
 rejects a wrong key (OpenAI and Anthropic 401, Gemini 400
 C{API_KEY_INVALID}).  C{fake.require_auth = False} turns every credential
@@ -139,8 +155,14 @@ loudly.  Durations are in milliseconds on the injected clock.
     provider's own field; see L{FakeUpstream} for the exact mapping.
   - C{x-fake-finish-reason: value}: the finish/stop reason verbatim.
   - C{x-fake-set-cookie: value} (repeatable): a C{Set-Cookie} per value.
+  - C{x-fake-fail-first: N}: the first N requests carrying it (counted
+    per fake) get the error of C{x-fake-status} (503 when not set); later
+    ones are answered normally.  For retries and circuit breakers.
+  - C{x-fake-reset: 1}: drop the connection without any response.
   - C{x-fake-header: Name: value} (repeatable): an extra response header
-    per value (duplicates and hop-by-hop names allowed: they are the point).
+    per value (duplicates and hop-by-hop names allowed: they are the point);
+    it replaces a header of that name the fake would send itself (its
+    rate-limit headers, say).
 Layout
 ======
 
@@ -151,7 +173,8 @@ One module per idea; this package re-exports the public names.
   - L{text}: the deterministic fake model (text, tool calls, embeddings).
   - L{call}: what a route handler takes and returns, and the JSON/SSE encoders.
   - L{dialects}: each provider's headers, error shapes and credential checks.
-  - L{openai}, L{anthropic}, L{gemini}: each provider's routes.
+  - L{openai}, L{anthropic}, L{gemini}, L{bedrock}, L{vertex}: each
+    provider's routes; L{sigv4}: checking an AWS signature.
   - L{routes}: which provider and handler answer a request.
   - L{responder}: writing a reply on the injected clock, with flow control.
   - L{server}: L{FakeUpstream}, its site and channel, and L{listen}.

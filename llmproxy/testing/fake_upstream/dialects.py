@@ -15,8 +15,10 @@ from typing import Any
 
 import orjson
 
+from llmproxy.eventstream import exception_frame
 from llmproxy.testing.fake_upstream.call import Call, Reply, sse_data, sse_event
 from llmproxy.testing.fake_upstream.records import ReceivedRequest
+from llmproxy.testing.fake_upstream.sigv4 import is_sigv4, sigv4_problem
 
 _STATUS_MESSAGES = {
     400: "Invalid request.",
@@ -53,6 +55,7 @@ class Dialect:
 
     @cvar json_type: the C{Content-Type} of a JSON answer.
     @cvar sse_type: the C{Content-Type} of an event stream.
+    @cvar json_requests: a C{POST} body must be a JSON object (else 400).
     @cvar error_kinds: the provider's name for an error status (its error
         C{type}, or Gemini's C{status}).
     @cvar client_error_kind: the name for a 4xx status not in C{error_kinds}.
@@ -61,6 +64,7 @@ class Dialect:
 
     json_type = b"application/json"
     sse_type = b"text/event-stream; charset=utf-8"
+    json_requests = True
     error_kinds: Mapping[int, str] = {}
     client_error_kind = ""
     server_error_kind = ""
@@ -382,6 +386,109 @@ class _Gemini(Dialect):
         return self.error(call, 404, "The requested URL was not found on this server.")
 
 
+class _Bedrock(Dialect):
+    """
+    Amazon Bedrock Runtime: errors are C{{"message"}} with the error's name
+    in C{x-amzn-ErrorType}; a stream's error is an exception frame.  Auth is
+    a SigV4 signature by the fake's test credential (checked against what
+    arrived, see L{sigv4_problem}) or a Bedrock API key
+    (C{Authorization: Bearer}).
+    """
+
+    sse_type = b"application/vnd.amazon.eventstream"
+    error_kinds = {
+        400: "ValidationException",
+        403: "AccessDeniedException",
+        404: "ResourceNotFoundException",
+        408: "ModelTimeoutException",
+        424: "ModelErrorException",
+        429: "ThrottlingException",
+        500: "InternalServerException",
+        503: "ServiceUnavailableException",
+    }
+    client_error_kind = "ValidationException"
+    server_error_kind = "InternalServerException"
+
+    def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"Content-Type", content_type),
+            (b"x-amzn-RequestId", call.ident("00000000-").encode()),
+        ]
+
+    def error(
+        self, call: Call, status: int, message: str | None = None, code: str | None = None
+    ) -> Reply:
+        reply = super().error(call, status, message, code)
+        kind = code or self.error_kind(status)
+        error_type = kind.encode() + b":http://internal.amazon.com/coral/com.amazon.bedrock/"
+        return Reply(
+            status=reply.status,
+            headers=[*reply.headers, (b"x-amzn-ErrorType", error_type)],
+            chunks=reply.chunks,
+        )
+
+    def error_body(self, call: Call, status: int, message: str, code: str | None) -> Any:
+        return {"message": message}
+
+    def stream_error(self, call: Call) -> bytes:
+        return exception_frame(
+            "modelStreamErrorException",
+            orjson.dumps({"message": "The model stream failed.", "originalStatusCode": 500}),
+        )
+
+    def api_key(self, call: Call) -> str | None:
+        return _bearer(call.request)
+
+    def no_key(self, call: Call) -> Reply:
+        return self.error(call, 403, "Missing Authentication Token", "AccessDeniedException")
+
+    def wrong_key(self, call: Call, key: str) -> Reply:
+        return self.error(
+            call,
+            403,
+            "The security token included in the request is invalid.",
+            "UnrecognizedClientException",
+        )
+
+    def not_found(self, call: Call) -> Reply:
+        return self.error(call, 404, "The requested operation is not recognized.")
+
+    def check_auth(self, call: Call) -> Reply | None:
+        if call.require_auth and is_sigv4(call.request):
+            problem = sigv4_problem(call.request)
+            if problem is None:
+                return None
+            code, message = problem
+            status = 400 if code == "IncompleteSignatureException" else 403
+            return self.error(call, status, message, code)
+        return super().check_auth(call)
+
+
+class _GoogleOAuth(Dialect):
+    """
+    Google's OAuth token endpoint, as far as google-auth's refresh needs it:
+    a form-encoded request, no credential check.
+    """
+
+    json_requests = False
+    client_error_kind = "invalid_request"
+    server_error_kind = "internal_failure"
+
+    def headers(self, call: Call, content_type: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b"Content-Type", content_type)]
+
+    def error_body(self, call: Call, status: int, message: str, code: str | None) -> Any:
+        return {"error": code or self.error_kind(status), "error_description": message}
+
+    def check_auth(self, call: Call) -> Reply | None:
+        return None
+
+    def not_found(self, call: Call) -> Reply:
+        return self.error(call, 404, "Not found.")
+
+
 OPENAI = _OpenAI()
 ANTHROPIC = _Anthropic()
 GEMINI = _Gemini()
+BEDROCK = _Bedrock()
+GOOGLE_OAUTH = _GoogleOAuth()

@@ -40,6 +40,8 @@ KNOBS: frozenset[str] = frozenset(
         "x-fake-finish-reason",
         "x-fake-set-cookie",
         "x-fake-header",
+        "x-fake-fail-first",
+        "x-fake-reset",
     }
 )
 """Every knob header the fake understands (lower case)."""
@@ -85,6 +87,8 @@ class Knobs:
     finish_reason: str | None = None
     set_cookies: tuple[str, ...] = ()
     extra_headers: tuple[tuple[str, str], ...] = ()
+    fail_first: int | None = None
+    reset: bool = False
 
 
 def collect_knobs(
@@ -186,6 +190,8 @@ def parse_knobs(values: Mapping[str, list[str]]) -> Knobs:
         finish_reason=last("x-fake-finish-reason"),
         set_cookies=tuple(values.get("x-fake-set-cookie", [])),
         extra_headers=tuple(extra),
+        fail_first=integer("x-fake-fail-first"),
+        reset=flag("x-fake-reset", False),
     )
 
 

@@ -135,6 +135,10 @@ class Responder:
             headers.setRawHeaders(name, [value])
         for cookie in self._knobs.set_cookies:
             headers.addRawHeader(b"Set-Cookie", cookie.encode("latin-1"))
+        # An extra header replaces one of the same name the reply has (the
+        # fake's own rate-limit headers, say); repeated ones add up.
+        for name_text, _ in self._knobs.extra_headers:
+            headers.removeHeader(name_text.encode("latin-1"))
         for name_text, value_text in self._knobs.extra_headers:
             headers.addRawHeader(name_text.encode("latin-1"), value_text.encode("latin-1"))
         if self._knobs.retry_after is not None:

@@ -18,14 +18,22 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 from attrs import evolve
 
-from llmproxy.testing.fake_upstream import anthropic, gemini, openai
+from llmproxy.testing.fake_upstream import anthropic, bedrock, gemini, openai, vertex
 from llmproxy.testing.fake_upstream.call import Call, Handler, Reply
-from llmproxy.testing.fake_upstream.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
+from llmproxy.testing.fake_upstream.dialects import (
+    ANTHROPIC,
+    BEDROCK,
+    GEMINI,
+    GOOGLE_OAUTH,
+    OPENAI,
+    Dialect,
+)
 from llmproxy.testing.fake_upstream.knobs import KnobError, Knobs, collect_knobs, parse_knobs
 from llmproxy.testing.fake_upstream.records import ReceivedRequest
 
 _GEMINI_METHOD = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 _MODEL_ID = re.compile(r"/models/([^/]+)$")
+_VERTEX_CLAUDE = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 _GEMINI_METHODS: dict[str, Handler] = {
     "generateContent": gemini.generate_content,
     "streamGenerateContent": gemini.generate_content,
@@ -43,6 +51,19 @@ def route(
     """
     path = request.path.decode("latin-1")
     method = request.method
+    operation = bedrock.PATH.search(path)
+    if operation is not None:
+        handler: Handler | None = (
+            bedrock.OPERATIONS[operation.group(2)] if method == b"POST" else None
+        )
+        params = {"model": bedrock.model_from(operation.group(1)), "operation": operation.group(2)}
+        return BEDROCK, handler, params
+    if path.endswith("/token") and method == b"POST":
+        return GOOGLE_OAUTH, vertex.token, {}
+    claude = _VERTEX_CLAUDE.search(path)
+    if claude is not None:
+        handler = vertex.claude if method == b"POST" else None
+        return GEMINI, handler, {"model": unquote(claude.group(1)), "method": claude.group(2)}
     gemini_method = _GEMINI_METHOD.search(path)
     if gemini_method is not None:
         model = unquote(gemini_method.group(1))
@@ -95,6 +116,7 @@ def answer(
     require_auth: bool,
     serial: int,
     now: int,
+    failed_so_far: int = 0,
 ) -> tuple[Knobs, Reply]:
     """
     The fake's reply to C{request}, and the knobs that say how to write it.
@@ -108,6 +130,8 @@ def answer(
     @param require_auth: whether to check credentials.
     @param serial: this request's number, for its identifiers.
     @param now: the clock's time, in whole seconds.
+    @param failed_so_far: how many earlier requests this fake failed on
+        purpose for C{x-fake-fail-first}.
     """
     query = parse_query(request.query)
     dialect, handler, params = route(request, query)
@@ -125,14 +149,17 @@ def answer(
     except KnobError as error:
         return call.knobs, dialect.error(call, 400, str(error))
     call = evolve(call, knobs=knobs)
-    if knobs.status is not None:
+    if knobs.fail_first is not None:
+        if failed_so_far < knobs.fail_first:
+            return knobs, dialect.error(call, knobs.status or 503, knobs.error_message)
+    elif knobs.status is not None:
         return knobs, dialect.error(call, knobs.status, knobs.error_message)
     refused = dialect.check_auth(call)
     if refused is not None:
         return knobs, refused
     if handler is None:
         return knobs, dialect.not_found(call)
-    if request.method == b"POST":
+    if request.method == b"POST" and dialect.json_requests:
         try:
             body = orjson.loads(request.body) if request.body else None
         except orjson.JSONDecodeError:

@@ -137,6 +137,7 @@ class FakeUpstream:
     @ivar active_responses: responses started and not yet finished or lost.
     @ivar record_bodies: keep each response's body for L{last_body_sent}
         (on by default; the standalone server turns it off).
+    @ivar failed_on_purpose: requests failed for C{x-fake-fail-first} so far.
     @ivar record_requests: append to L{received} and feed
         L{wait_for_request} (on by default; off in the standalone server,
         where nobody reads them and a long benchmark would grow them forever).
@@ -154,6 +155,7 @@ class FakeUpstream:
         self.active_responses = 0
         self.record_bodies = True
         self.record_requests = True
+        self.failed_on_purpose = 0
         self._last_responder: Responder | None = None
         self._serial = itertools.count(1)
         self._requests: DeferredQueue[ReceivedRequest] = DeferredQueue()
@@ -273,7 +275,17 @@ class FakeUpstream:
             self.require_auth,
             serial=next(self._serial),
             now=int(self.clock.seconds()),
+            failed_so_far=self.failed_on_purpose,
         )
+        if knobs.fail_first is not None and self.failed_on_purpose < knobs.fail_first:
+            self.failed_on_purpose += 1
+        if knobs.reset:
+            # No status line at all: the connection just drops.
+            transport: Any = request.channel.transport
+            transport.abortConnection()
+            if self.record_requests:
+                self._requests.put(received)
+            return
         Responder(
             self,
             cast(WebRequest, request),

@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.e2e.test_shared_circuits -*-
+"""
+Circuit breakers shared by every proxy instance, through the rate limiter's
+Redis: failures are counted fleet-wide, an open circuit is skipped by every
+instance, and after the cooldown exactly one request of the whole fleet
+probes it.
+
+Each instance keeps its own L{CircuitBoard} (the request path asks it,
+synchronously, which upstream is available) and this service keeps the
+boards in step:
+
+  - every failure or success an instance sees is sent to Redis, where one
+    Lua script counts it and opens or closes the circuit; the state that
+    comes back is adopted at once;
+  - every C{SYNC_INTERVAL} seconds the instance reads the circuits that are
+    not closed and adopts them, so it skips what the others opened;
+  - the half-open probe is claimed with C{SET NX} (expiring after the
+    cooldown, in case the prober dies): whoever loses the claim does not
+    send.
+
+While Redis is unreachable each instance falls back to its own board,
+which keeps counting on its own: breakers degrade to per-instance, never
+to none.
+
+Key layout: C{llmproxy:cb:<provider>|<upstream>|<model>} hashes
+(C{failures}, C{open_until}), the index hash C{llmproxy:cb:open} (field:
+the circuit, value: C{open_until}) and C{llmproxy:cb:probe:<circuit>}.
+No key holds a credential.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llmproxy.circuits import CircuitBoard, CircuitKey
+from llmproxy.ratelimit.redis_backend import parse_redis_url
+
+log = Logger(namespace="llmproxy.circuits")
+
+PREFIX = "llmproxy:cb:"
+INDEX = PREFIX + "open"
+SYNC_INTERVAL = 0.5
+"""Seconds between two reads of the fleet's open circuits."""
+TIMEOUT = 0.5
+"""How long a call to Redis may take before the instance goes on alone."""
+
+FAIL = """
+-- KEYS: circuit, index; ARGV: field, now, threshold, cooldown, half_open
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+local now = tonumber(ARGV[2])
+local expired = open_until > 0 and open_until <= now
+if failures >= tonumber(ARGV[3]) or ARGV[5] == '1' or expired then
+  open_until = now + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'open_until', open_until)
+  redis.call('HSET', KEYS[2], ARGV[1], open_until)
+  redis.call('DEL', KEYS[1] .. ':probe')
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 1000) * 10)
+return tostring(open_until)
+"""
+
+SUCCEED = """
+-- KEYS: circuit, index; ARGV: field
+redis.call('DEL', KEYS[1], KEYS[1] .. ':probe')
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 0
+"""
+
+
+def circuit_field(key: CircuitKey) -> str:
+    return "|".join(key)
+
+
+class SharedCircuits(Service):
+    """
+    Keeps a L{CircuitBoard} in step with every other instance's, through
+    Redis.
+    """
+
+    def __init__(self, url: str, board: CircuitBoard, reactor: IReactorTime) -> None:
+        self._target = parse_redis_url(url)
+        self._board = board
+        self._reactor = reactor
+        self._pool: Any = None
+        self._loop: LoopingCall | None = None
+        self._warned = False
+
+    def startService(self) -> None:
+        super().startService()
+        import txredisapi
+
+        target = self._target
+        self._pool = txredisapi.lazyConnectionPool(
+            target.host,
+            target.port,
+            dbid=target.db or None,
+            poolsize=1,
+            reconnect=True,
+            password=target.password,
+            username=target.username,
+            connectTimeout=5,
+        )
+        self._board.share(self)
+        self._loop = LoopingCall(self.sync)
+        self._loop.clock = self._reactor
+        self._loop.start(SYNC_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("circuit sync stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._board.share(None)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return succeed(None)
+        closed: Deferred[None] = pool.disconnect()
+        return closed
+
+    # -- what the board tells the fleet ----------------------------------------
+
+    def failed(self, key: CircuitKey, threshold: int, cooldown: float, half_open: bool) -> None:
+        now = self._reactor.seconds()
+        field = circuit_field(key)
+        args = [field, repr(now), str(threshold), repr(cooldown), "1" if half_open else "0"]
+        self._call(FAIL, [PREFIX + field, INDEX], args).addCallbacks(
+            lambda until: self._board.adopt(key, float(until)), self._unreachable
+        )
+
+    def succeeded(self, key: CircuitKey) -> None:
+        field = circuit_field(key)
+        self._call(SUCCEED, [PREFIX + field, INDEX], [field]).addErrback(self._unreachable)
+
+    def claim_probe(self, key: CircuitKey, cooldown: float) -> Deferred[bool]:
+        """
+        Claim the fleet's one half-open probe of a circuit; C{True} if this
+        instance may send it (also when Redis cannot be asked: then each
+        instance probes on its own).
+        """
+        if self._pool is None:
+            return succeed(True)
+        name = PREFIX + circuit_field(key) + ":probe"
+        asked: Deferred[Any] = self._pool.set(
+            name, "1", pexpire=max(int(cooldown * 1000), 1), only_if_not_exists=True
+        )
+        asked.addTimeout(TIMEOUT, self._reactor)
+
+        def claimed(reply: object) -> bool:
+            return reply is not None and reply is not False
+
+        def failed(failure: Failure) -> bool:
+            self._unreachable(failure)
+            return True
+
+        return asked.addCallbacks(claimed, failed)
+
+    # -- what the fleet tells the board -----------------------------------------
+
+    def sync(self) -> Deferred[None]:
+        """
+        Adopt the circuits any instance has opened.
+        """
+        if self._pool is None:
+            return succeed(None)
+        read: Deferred[Any] = self._pool.hgetall(INDEX)
+        read.addTimeout(TIMEOUT, self._reactor)
+
+        def adopt(entries: dict[Any, Any]) -> None:
+            opened = {}
+            for field, until in entries.items():
+                text = field.decode() if isinstance(field, bytes) else str(field)
+                parts = tuple(text.split("|"))
+                if len(parts) == 3:
+                    opened[(parts[0], parts[1], parts[2])] = float(until)
+            self._board.adopt_all(opened)
+            self._warned = False
+
+        return read.addCallbacks(adopt, self._unreachable)
+
+    def _call(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        if self._pool is None:
+            return succeed("0")
+        result: Deferred[Any] = self._pool.eval(script, keys, args)
+        result.addTimeout(TIMEOUT, self._reactor)
+        return result
+
+    def _unreachable(self, failure: Failure) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warn(
+                "circuit breakers: Redis unreachable ({error}); each instance keeps its own",
+                error=failure.getErrorMessage(),
+            )
