@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -119,21 +120,20 @@ class BudgetTestCase(KeysTestCase):
         )
         return value or 0.0
 
-    def burst(
-        self, count: int, headers: Mapping[bytes, list[bytes]], body: bytes
-    ) -> list[Received]:
+    def burst(self, count: int, *senders: Mapping[bytes, list[bytes]]) -> list[Received]:
         """
-        Send C{count} requests at once; the fake holds each answer for a
-        second, so all are in flight together; return them once answered.
+        Send C{count} requests at once with each of the C{senders}' headers
+        (interleaved); the fake holds each answer for a second, so all are
+        in flight together; return them, in the order sent, once answered.
         """
-        answers: list[Received] = []
-        for _ in range(count):
-            self.proxy.request(
-                b"POST", CHAT_PATH, with_knobs(headers, headers_delay_ms="1000"), body
-            ).addCallback(answers.append)
+        answers: dict[int, Received] = {}
+        for number in range(count * len(senders)):
+            knobs = with_knobs(senders[number % len(senders)], headers_delay_ms="1000")
+            sent = self.proxy.request(b"POST", CHAT_PATH, knobs, chat())
+            sent.addCallback(partial(answers.__setitem__, number))
         self.proxy.advance(1.5)
-        self.assertEqual(len(answers), count)
-        return answers
+        self.assertEqual(len(answers), count * len(senders))
+        return [answers[index] for index in sorted(answers)]
 
 
 class RefusalTests(BudgetTestCase):
@@ -444,7 +444,7 @@ class ConcurrencyTests(BudgetTestCase):
         cases: exactly 10 go upstream, 40 get 402, and spend stays within
         the budget (each real cost is below its reservation).
         """
-        answers = self.burst(50, bearer(KEY), chat())
+        answers = self.burst(50, bearer(KEY))
         statuses = [received.status for received in answers]
         self.assertEqual(statuses.count(200), 10)
         self.assertEqual(statuses.count(402), 40)
@@ -457,6 +457,29 @@ class ConcurrencyTests(BudgetTestCase):
         self.assertAlmostEqual(self.spent(), 10 * COST)
         self.assertLessEqual(self.spent(), self.daily)
 
+    def test_three_hundred_across_key_and_user_budgets(self) -> None:
+        """
+        300 requests at once from two keys, one of them bound to a user with
+        a budget of its own: each budget admits exactly the worst cases it
+        holds, whichever runs out first.
+        """
+        self.proxy = MemoryProxy(
+            budget_config(
+                key_entry(budget={"daily_usd": 40 * RESERVED}),
+                key_entry(OTHER_KEY, id="team-b", user="bob", budget={"monthly_usd": 100.0}),
+                per_user={"bob": {"daily_usd": 25 * RESERVED}},
+            )
+        )
+        answers = self.burst(150, bearer(KEY), bearer(OTHER_KEY))
+        first, second = answers[0::2], answers[1::2]
+        self.assertEqual([r.status for r in first].count(200), 40)
+        self.assertEqual([r.status for r in second].count(200), 25)
+        scopes = {r.header(b"x-llm-proxy-budget-scope") for r in second if r.status == 402}
+        self.assertEqual(scopes, {b"user:bob"})
+        self.assertEqual(len(self.proxy.fake.received), 65)
+        self.assertLessEqual(self.spent(), 40 * RESERVED)
+        self.assertAlmostEqual(self.spent("team-b"), 25 * COST)
+
     def test_fifty_with_underestimated_input(self) -> None:
         """
         When the real input is larger than the estimate, spend may pass the
@@ -464,7 +487,7 @@ class ConcurrencyTests(BudgetTestCase):
         cost - reservation).
         """
         knobs = with_knobs(bearer(KEY), input_tokens="200")
-        answers = self.burst(50, knobs, chat())
+        answers = self.burst(50, knobs)
         admitted = [received for received in answers if received.status == 200]
         self.assertEqual(len(admitted), 10)
         real = (200 * INPUT_PRICE + 3 * OUTPUT_PRICE) / 1e6
@@ -478,8 +501,8 @@ class ConcurrencyTests(BudgetTestCase):
         """
         Once the first burst is settled, what it did not spend admits more.
         """
-        self.burst(50, bearer(KEY), chat())
-        more = self.burst(50, bearer(KEY), chat())
+        self.burst(50, bearer(KEY))
+        more = self.burst(50, bearer(KEY))
         expected = math.floor(round((self.daily - 10 * COST) / RESERVED, 9))
         self.assertEqual([r.status for r in more].count(200), expected)
         self.assertLessEqual(self.spent(), self.daily)
