@@ -114,12 +114,14 @@ def spend_store_for(
         return RedisSpendStore(rates, reactor, metrics_hook)
     store = MemorySpendStore()
     path = _records_path(config)
-    if path is None:
+    capped = any(key.budget for key in config.auth.keys) or config.auth.budgets.per_user
+    if path is None and capped:
         log.warn(
             "Budgets are counted in memory and no cost-record file is configured: spend "
             "starts from zero at every start (enable features.cost_tracking, or use the "
             "redis backend)"
         )
+    if path is None:
         return store
     keys, users = counted_scopes(config)
     store.rebuilding(

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import calendar
 import os
+from collections.abc import Callable
+from typing import cast
 
+import attrs
 from attrs import evolve
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.budgets import BudgetReservation, Hold, MemorySpendStore, SpendDecision, Spent
+from llmproxy import budgets
+from llmproxy.budgets import (
+    BudgetReservation,
+    Hold,
+    MemorySpendStore,
+    RedisSpendStore,
+    SpendDecision,
+    Spent,
+    reconfigure_spend_store,
+    spend_store_for,
+)
 from llmproxy.budgets.memory import Tallies
 from llmproxy.budgets.policy import (
     NANOS_PER_USD,
@@ -24,7 +39,7 @@ from llmproxy.budgets.policy import (
     worst_case_nanos,
 )
 from llmproxy.budgets.rebuild import spend_from_records
-from llmproxy.config import Price
+from llmproxy.config import Config, Price, parse_config
 from llmproxy.records import rfc3339
 from llmproxy.test.test_sinks import record
 
@@ -268,3 +283,48 @@ class RebuildTests(SynchronousTestCase):
         path = self.mktemp()
         os.mkdir(path)
         self.assertRaises(OSError, spend_from_records, path, {"a"}, set(), NOON)
+
+
+class StoreForTests(SynchronousTestCase):
+    """
+    L{spend_store_for} and L{reconfigure_spend_store}: which store a
+    configuration gets, and what a reload keeps.
+    """
+
+    def config(self, **auth: object) -> Config:
+        return parse_config({"auth": auth}, "test")
+
+    def test_which_store(self) -> None:
+        clock = Clock()
+        self.assertIsNone(spend_store_for(self.config(), clock, at_once))
+        keyed = self.config(mode="keys", keys=[{"id": "a", "hash": "sha256:" + "ab" * 32}])
+        self.assertIsInstance(spend_store_for(keyed, clock, at_once), MemorySpendStore)
+        users = self.config(budgets={"per_user": {"bob": {"daily_usd": 1}}})
+        redis = attrs.evolve(
+            users,
+            features=attrs.evolve(
+                users.features,
+                rate_limiting=attrs.evolve(users.features.rate_limiting, backend="redis"),
+            ),
+        )
+        self.assertIsInstance(spend_store_for(redis, clock, at_once), RedisSpendStore)
+
+    def test_warns_without_records(self) -> None:
+        events: list[dict[str, object]] = []
+        self.patch(budgets, "log", Logger(observer=cast(ILogObserver, events.append)))
+        users = self.config(budgets={"per_user": {"bob": {"daily_usd": 1}}})
+        spend_store_for(users, Clock(), at_once)
+        [event] = events
+        self.assertIn("no cost-record file", str(event["log_format"]))
+
+    def test_reload_keeps_the_store(self) -> None:
+        clock = Clock()
+        users = self.config(budgets={"per_user": {"bob": {"daily_usd": 1}}})
+        store = spend_store_for(users, clock, at_once)
+        more = self.config(budgets={"per_user": {"bob": {"daily_usd": 2}, "eve": {}}})
+        self.assertIs(reconfigure_spend_store(store, users, more, clock, at_once), store)
+        self.assertIsNone(reconfigure_spend_store(store, users, self.config(), clock, at_once))
+
+
+def at_once(work: Callable[[], Tallies]) -> Deferred[Tallies]:
+    return succeed(work())
