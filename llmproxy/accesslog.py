@@ -60,6 +60,13 @@ class AccessLine:
         self.user_id = user_id
         self.key_id = key_id
 
+    def identified(self, user_id: str | None, key_id: str | None) -> None:
+        """
+        Admission accepted a proxy key: the request's user and key id.
+        """
+        self.user_id = user_id
+        self.key_id = key_id
+
     def expect_account(self) -> None:
         """
         The request was admitted: hold the line until it is accounted for.

@@ -6,8 +6,8 @@ However a forwarded request ended (complete, upstream failure, timeout,
 client gone), the call hands one frozen L{CallSummary} to L{account},
 exactly once. Accounting prices it, warns once about an unpriced model,
 counts the request's metrics, writes its cost record, settles its
-admission (the rate-limit reservation becomes the real usage) and fills
-in its access line.
+admission (the rate-limit reservation becomes the real usage, the budget
+reservation the real cost) and fills in its access line.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def account(
                 attempts=summary.attempts,
             )
         )
-    admission.settle(usage, summary.status, summary.unsent)
+    admission.settle(usage, summary.status, summary.unsent, cost.total_cost)
     access.settled(
         model=model,
         streaming=summary.streaming,

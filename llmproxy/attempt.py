@@ -254,6 +254,8 @@ class Attempt:
             request.isSecure() if forwarded else False,
             forwarded,
         )
+        if facts.credential_swap is not None:
+            facts.credential_swap.apply(headers, self._choice.upstream.config.name)
         for name, value in endpoint.headers.items():
             headers.setRawHeaders(name, [value.encode("latin-1")])
         attempt_trace = self._trace.attempt(self._choice.upstream, endpoint.base_url, headers)

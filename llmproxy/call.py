@@ -144,7 +144,13 @@ class Call:
         self.phase = "admit"
         limits = config.features.rate_limiting
         admission = self._admission = Admission(
-            self._runtime.limiter, limits.estimation, limits.backend, self._state.metrics
+            self._runtime.limiter,
+            limits.estimation,
+            limits.backend,
+            self._state.metrics,
+            keyring=self._runtime.keyring,
+            budgets=self._runtime.budgets,
+            clock=self._state.clock,
         )
         admission.admit(facts).addCallback(self._admitted).addErrback(self._bug)
 
@@ -157,6 +163,10 @@ class Call:
             return
         for name, value in verdict.headers:
             self._request.setHeader(name, value)
+        if verdict.facts is not None and verdict.facts is not self._facts:
+            # A proxy key was accepted: its id and user are the request's.
+            self._facts = verdict.facts
+            self._access.identified(verdict.facts.user, verdict.facts.key_id)
         facts = self._facts
         assert facts is not None
         if self._gone:

@@ -14,6 +14,8 @@ ALLOW_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 EXPOSE_HEADERS = (
     b"Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, "
     b"X-RateLimit-Scope, X-RateLimit-Metric, X-RateLimit-Window, X-RateLimit-Reason, "
+    b"X-LLM-Proxy-Budget-Scope, X-LLM-Proxy-Budget-Period, X-LLM-Proxy-Budget-Limit-USD, "
+    b"X-LLM-Proxy-Budget-Remaining-USD, X-LLM-Proxy-Budget-Reset, "
     b"X-LLM-Proxy-Error-Source, X-LLM-Proxy-Request-ID, x-request-id, request-id"
 )
 DEFAULT_ALLOW_HEADERS = (

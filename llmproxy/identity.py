@@ -14,12 +14,40 @@ import hashlib
 import re
 from urllib.parse import parse_qsl
 
+from attrs import field, frozen
 from twisted.web.http_headers import Headers
 
 _KEY_HEADERS = (b"x-api-key", b"x-goog-api-key", b"api-key")
 
 _SIGV4 = b"aws4-hmac-sha256"
 _SIGV4_CREDENTIAL = re.compile(rb"Credential=([A-Za-z0-9]+)/")
+
+PROXY_KEY_PREFIX = b"llmp-"
+"""How every key the proxy issues begins (C{python -m llmproxy new-key})."""
+
+
+@frozen
+class Presented:
+    """
+    The credential a client sent, reduced to what recognising a proxy key
+    needs: the key itself is not kept.
+
+    @ivar digest: its SHA-256, compared with C{auth.keys[].hash}.
+    @ivar proxy_form: it begins with L{PROXY_KEY_PREFIX}, so it was meant
+        for the proxy, never for a provider.
+    """
+
+    digest: bytes = field(repr=False)
+    proxy_form: bool
+
+
+def presented(secret: bytes | None) -> Presented | None:
+    """
+    What key recognition needs of C{secret} (see L{Presented}).
+    """
+    if secret is None:
+        return None
+    return Presented(hashlib.sha256(secret).digest(), secret.startswith(PROXY_KEY_PREFIX))
 
 
 def credential(headers: Headers, query: bytes) -> bytes | None:

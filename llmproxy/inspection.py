@@ -17,6 +17,7 @@ from attrs import frozen
 from twisted.web.http_headers import Headers
 
 from llmproxy import identity
+from llmproxy.credentials import CredentialSwap
 from llmproxy.providers import RequestFacts
 from llmproxy.routes import Target
 
@@ -39,6 +40,9 @@ class CallFacts:
     @ivar body_bytes: the size of the client's body.
     @ivar strip_usage_chunk: the body sent upstream asks for a usage-only
         event the client did not ask for; the meter removes it.
+    @ivar presented: the client's credential, as key recognition needs it.
+    @ivar credential_swap: set once admission accepted a proxy key: the
+        client's credential is replaced by the provider's on the way out.
     """
 
     request_id: str
@@ -51,6 +55,8 @@ class CallFacts:
     user: str | None
     body_bytes: int
     strip_usage_chunk: bool = False
+    presented: identity.Presented | None = None
+    credential_swap: CredentialSwap | None = None
 
 
 @frozen
@@ -111,6 +117,7 @@ def inspect(
         query=target.query,
         request=inspection.facts,
         key_id=identity.key_id(secret),
+        presented=identity.presented(secret),
         user=identity.user_id(target.user, headers, inspection.facts.user),
         body_bytes=len(body),
         strip_usage_chunk=inspection.strip_usage_chunk,

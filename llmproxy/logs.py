@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from typing import IO, Any
 
 import orjson
@@ -26,6 +27,8 @@ from twisted.logger import (
     formatTime,
 )
 from zope.interface import implementer
+
+from llmproxy.config import Config
 
 LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
@@ -54,12 +57,12 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     # ?key=... / &key=... query parameters.
     (re.compile(r"(?i)([?&](?:key|api_key|api-key)=)[^&\s'\"]+"), r"\1[REDACTED]"),
-    # Bare provider keys that escaped every other rule.
+    # Bare provider keys (and the proxy's own) that escaped every other rule.
     (
         re.compile(
             r"\b(?:sk-ant-[A-Za-z0-9_-]{8,}|sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{20,}"
             r"|ABSK[A-Za-z0-9+/=]{20,}|bedrock-api-key-[A-Za-z0-9+/=%_-]{20,}"
-            r"|ya29\.[A-Za-z0-9._-]{20,})"
+            r"|ya29\.[A-Za-z0-9._-]{20,}|llmp-[A-Za-z0-9_-]{16,})"
         ),
         "[REDACTED]",
     ),
@@ -79,6 +82,7 @@ _TRIGGERS = (
     "x-amz-security-token",
     "absk",
     "ya29.",
+    "llmp-",
 )
 """
 Substrings (lower case) at least one of which every rule needs; a line with
@@ -86,10 +90,51 @@ none of them is returned untouched without running the expressions.
 """
 
 
-def redact(text: str) -> str:
+MIN_SECRET_LENGTH = 8
+"""Configured secrets shorter than this are not searched for (too many false hits)."""
+
+
+class SecretHolder:
     """
-    Replace anything that looks like a credential in C{text}.
+    The credentials the configuration holds (C{auth.credentials}), which
+    no log line may contain whatever form they take; a reload replaces
+    them.
     """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets: tuple[str, ...] = ()
+        self.set(secrets)
+
+    def set(self, secrets: Iterable[str]) -> None:
+        found = set()
+        for secret in secrets:
+            found.add(secret)
+            # "Bearer sk-..." also hides a bare "sk-...".
+            scheme, _, token = secret.partition(" ")
+            if token and scheme.isalpha():
+                found.add(token.strip())
+        # Longest first: a secret containing another is replaced whole.
+        self.secrets = tuple(
+            sorted((s for s in found if len(s) >= MIN_SECRET_LENGTH), key=len, reverse=True)
+        )
+
+
+def configured_secrets(config: Config) -> list[str]:
+    """
+    Every header value of C{auth.credentials}.
+    """
+    return [value for headers in config.auth.credentials.values() for value in headers.values()]
+
+
+def redact(text: str, secrets: SecretHolder | None = None) -> str:
+    """
+    Replace anything that looks like a credential in C{text}, and every
+    configured secret.
+    """
+    if secrets is not None:
+        for secret in secrets.secrets:
+            if secret in text:
+                text = text.replace(secret, "[REDACTED]")
     lowered = text.lower()
     if not any(trigger in lowered for trigger in _TRIGGERS):
         return text
@@ -188,14 +233,15 @@ class TextObserver:
     One classic text line per event, redacted.
     """
 
-    def __init__(self, stream: IO[str] | LineBuffer) -> None:
+    def __init__(self, stream: IO[str] | LineBuffer, secrets: SecretHolder | None = None) -> None:
         self._out = stream if isinstance(stream, LineBuffer) else LineBuffer(stream)
+        self._secrets = secrets
 
     def __call__(self, event: dict[str, Any]) -> None:
         text = formatEventAsClassicLogText(event, formatTime=_line_time)
         if text is None:
             return
-        self._out.add(redact(text), _urgent(event))
+        self._out.add(redact(text, self._secrets), _urgent(event))
 
 
 _RESERVED_KEYS = frozenset(
@@ -220,8 +266,9 @@ class JSONObserver:
     fields are kept at the top level so log shippers can index them.
     """
 
-    def __init__(self, stream: IO[str] | LineBuffer) -> None:
+    def __init__(self, stream: IO[str] | LineBuffer, secrets: SecretHolder | None = None) -> None:
         self._out = stream if isinstance(stream, LineBuffer) else LineBuffer(stream)
+        self._secrets = secrets
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level")
@@ -239,7 +286,7 @@ class JSONObserver:
                 continue
             record[key] = _jsonable(value)
         line = orjson.dumps(record, default=str).decode("utf-8")
-        self._out.add(redact(line) + "\n", _urgent(event))
+        self._out.add(redact(line, self._secrets) + "\n", _urgent(event))
 
 
 class LevelHolder:
@@ -255,11 +302,17 @@ class LevelHolder:
         self.predicate.setLogLevelForNamespace("", LEVELS[level])
 
 
-def make_observer(fmt: str, level: LevelHolder, stream: IO[str] | LineBuffer) -> ILogObserver:
+def make_observer(
+    fmt: str,
+    level: LevelHolder,
+    stream: IO[str] | LineBuffer,
+    secrets: SecretHolder | None = None,
+) -> ILogObserver:
     """
     Build the process's log observer: C{text} or C{json} lines, filtered by
-    C{level}, credentials redacted, written to C{stream} (a L{LineBuffer}
-    to batch the writes).
+    C{level}, credentials (and the C{secrets} the configuration holds)
+    redacted, written to C{stream} (a L{LineBuffer} to batch the writes).
     """
-    inner: ILogObserver = JSONObserver(stream) if fmt == "json" else TextObserver(stream)
+    observer = JSONObserver if fmt == "json" else TextObserver
+    inner: ILogObserver = observer(stream, secrets)
     return FilteringLogObserver(inner, [level.predicate])

@@ -16,6 +16,7 @@ scopes are reported by kind (C{key}, never the key id).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -213,10 +214,37 @@ class Metrics:
         )
         self.ratelimit_backend_errors = Counter(
             "llmproxy_ratelimit_backend_errors",
-            "Rate-limit backend calls that failed or timed out (fail_mode decided).",
+            "Rate-limit and budget backend calls that failed or timed out (fail_mode decided).",
             ["backend"],
             registry=registry,
         )
+        self.budget_spent_usd = Gauge(
+            "llmproxy_budget_spent_usd",
+            "What each proxy key spent in the current period (day, month), in USD.",
+            ["key", "period"],
+            registry=registry,
+        )
+        self.budget_limit_usd = Gauge(
+            "llmproxy_budget_limit_usd",
+            "Each proxy key's budget per period (day, month), in USD.",
+            ["key", "period"],
+            registry=registry,
+        )
+        self.budget_denied_total = Counter(
+            "llmproxy_budget_denied",
+            "Requests refused (402) for lack of budget, by proxy key (none: a user's budget "
+            "refused a request without one).",
+            ["key"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "llmproxy_auth_failures",
+            "Requests refused for their key: missing_key, unknown_key, expired_key "
+            "(401); provider_not_allowed, model_not_allowed, unpriced_model (403).",
+            ["reason"],
+            registry=registry,
+        )
+        self._budget_limits: set[tuple[str, str]] = set()
 
     def model_label(self, provider: str, model: str | None) -> str:
         """
@@ -350,6 +378,37 @@ class Metrics:
 
     def ratelimit_backend_error(self, backend: str) -> None:
         self.ratelimit_backend_errors.labels(backend).inc()
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    def budget_denied(self, key_id: str | None) -> None:
+        """
+        A request was refused for lack of budget. Labels are proxy key ids
+        (bounded by the configuration), never the hash of a client's own key.
+        """
+        self.budget_denied_total.labels(key_id or "none").inc()
+
+    def budget_spent(self, key_id: str, period: str, usd: float) -> None:
+        self._child(self.budget_spent_usd, key_id, period).set(usd)
+
+    def budget_keys(
+        self, key_ids: Collection[str], limits: Mapping[tuple[str, str], float]
+    ) -> None:
+        """
+        The configured proxy keys and their budgets, C{(key id, period) ->
+        USD}: a key no longer configured (revoked by a reload) leaves the
+        series, spend included; a budget no longer set leaves the limits.
+        """
+        for gone in self._budget_limits - set(limits):
+            self.budget_limit_usd.remove(*gone)
+        for labels, usd in limits.items():
+            self.budget_limit_usd.labels(*labels).set(usd)
+        self._budget_limits = set(limits)
+        for metric, *spent_labels in list(self._children):
+            if metric is self.budget_spent_usd and spent_labels[0] not in key_ids:
+                del self._children[(metric, *spent_labels)]
+                self.budget_spent_usd.remove(*spent_labels)
 
     def render(self) -> bytes:
         """

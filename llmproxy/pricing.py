@@ -206,6 +206,14 @@ class PriceBook:
                 return None
             name = shorter
 
+    def price(self, provider: str, model: str, input_tokens: int) -> Price | None:
+        """
+        The price a request for C{model} with C{input_tokens} of input would
+        pay (its tier), looked up as L{cost} does; L{None} when unpriced.
+        """
+        entry = self._entry(provider, model)
+        return None if entry is None else _tier_price(entry.pricing, input_tokens)
+
     def cost(self, provider: str, model: str | None, usage: Usage) -> Cost:
         """
         What C{usage} cost on C{provider} (the configured provider name) for

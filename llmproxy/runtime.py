@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from llmproxy.auth import Keyring
+from llmproxy.budgets import AlertSender, BudgetBook, ISpendStore
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.circuits import CircuitBoard, State
 from llmproxy.config import Config
@@ -38,6 +40,9 @@ log = Logger(namespace="llmproxy.circuits")
 class Runtime:
     """
     Everything derived from one configuration.
+
+    @ivar keyring: the proxy keys (C{auth}).
+    @ivar budgets: the budgets, when the configuration counts spend.
     """
 
     config: Config
@@ -45,24 +50,60 @@ class Runtime:
     routes: RouteTable
     prices: PriceBook
     limiter: IRateLimiter | None
+    keyring: Keyring | None = None
+    budgets: BudgetBook | None = None
 
 
-def build_runtime(config: Config, agent_for: AgentFactory, limiter: IRateLimiter | None) -> Runtime:
+def build_runtime(
+    config: Config,
+    agent_for: AgentFactory,
+    limiter: IRateLimiter | None,
+    *,
+    spend: ISpendStore | None = None,
+    alerts: AlertSender | None = None,
+    metrics: Metrics | None = None,
+) -> Runtime:
     """
     Derive a L{Runtime} from C{config}. Disabled providers are not mounted.
+
+    @param spend: the process's spend store, when C{config} counts spend.
+    @param alerts: where budget alerts go.
+    @param metrics: the process's metrics, which learn the keys' budgets.
     """
     upstreams = {
         name: build_upstream(provider, agent_for)
         for name, provider in config.providers.items()
         if provider.enabled
     }
+    prices = PriceBook.from_config(config)
+    budgets = None
+    if spend is not None and metrics is not None:
+        budgets = BudgetBook(config.auth, prices, spend, alerts, metrics)
+    if metrics is not None:
+        publish_budgets(config, metrics)
     return Runtime(
         config=config,
         upstreams=upstreams,
         routes=RouteTable(upstreams),
-        prices=PriceBook.from_config(config),
+        prices=prices,
         limiter=limiter,
+        keyring=Keyring(config.auth) if config.auth.mode != "passthrough" else None,
+        budgets=budgets,
     )
+
+
+def publish_budgets(config: Config, metrics: Metrics) -> None:
+    """
+    Tell the metrics which proxy keys exist and what their budgets are.
+    """
+    limits: dict[tuple[str, str], float] = {}
+    for key in config.auth.keys:
+        budget = key.budget
+        if budget is not None:
+            for period, usd in (("day", budget.daily_usd), ("month", budget.monthly_usd)):
+                if usd is not None:
+                    limits[(key.id, period)] = usd
+    metrics.budget_keys({key.id for key in config.auth.keys}, limits)
 
 
 @define

@@ -9,23 +9,30 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent
 
 from llmproxy import buildinfo
 from llmproxy.allocator import tune_allocator
+from llmproxy.budgets import (
+    AlertSender,
+    reconfigure_spend_store,
+    spend_services,
+    spend_store_for,
+)
 from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.health import HealthBoard
-from llmproxy.logs import LevelHolder, LineBuffer, make_observer
+from llmproxy.logs import LevelHolder, LineBuffer, SecretHolder, configured_secrets, make_observer
 from llmproxy.metrics import Metrics
-from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter
+from llmproxy.ratelimit import IRateLimiter, limiter_for, rate_limits_for, reconfigure_limiter
 from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.shared_circuits import SharedCircuits
@@ -33,6 +40,7 @@ from llmproxy.sinks import ICostSink, cost_sink_for
 from llmproxy.tracing import ITracer, tracer_for
 from llmproxy.upstream import make_pool, pooled_agents
 from llmproxy.web import gateway_site
+from llmproxy.webhook import json_poster
 
 log = Logger(namespace="llmproxy.tap")
 
@@ -122,15 +130,25 @@ def build_service(
     Wire the process together: state, runtime, site, children, reload.
     """
     level = LevelHolder(config.logging.level)
+    secrets = SecretHolder(configured_secrets(config))
     lines = LineBuffer(sys.stdout, reactor)
-    observer = make_observer(config.logging.format, level, lines)
+    observer = make_observer(config.logging.format, level, lines, secrets)
     # The last lines (the drain, "stopped") are written once the reactor is done.
     reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
     metrics = Metrics()
     pool = make_pool(reactor)
     agent_for = pooled_agents(reactor, pool)
-    limiter = limiter_for(config.features.rate_limiting, reactor, metrics)
-    runtime = build_runtime(config, agent_for, limiter)
+    limiter = limiter_for(rate_limits_for(config), reactor, metrics)
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    def spend_error() -> None:
+        metrics.ratelimit_backend_error("redis")
+
+    spend = spend_store_for(config, reactor, in_thread, spend_error)
+    alerts = AlertSender(reactor, json_poster(Agent(reactor, pool=pool), reactor))
+    runtime = build_runtime(config, agent_for, limiter, spend=spend, alerts=alerts, metrics=metrics)
     sink: ICostSink
     sink, sink_service = cost_sink_for(config.features.cost_tracking, reactor, metrics)
     tracer = tracer_for(config.features.tracing, reactor)
@@ -146,14 +164,16 @@ def build_service(
     )
     site = gateway_site(state)
     limiter_children = _limiter_services(limiter, config, reactor)
+    spend_children = spend_services(spend)
+    stores = {"spend": spend}
 
     def reload() -> Deferred[Runtime]:
         loading: Deferred[Config] = deferToThread(load_config, list(config_paths), os.environ)
 
         def rebuild(new: Config) -> Runtime:
             current: IRateLimiter | None = state.runtime.limiter
-            old_limits = state.runtime.config.features.rate_limiting
-            new_limits = new.features.rate_limiting
+            old_limits = rate_limits_for(state.runtime.config)
+            new_limits = rate_limits_for(new)
             new_limiter = reconfigure_limiter(current, old_limits, new_limits, reactor, metrics)
             if (
                 new_limiter is not current
@@ -162,10 +182,19 @@ def build_service(
                 _replace_children(
                     service, limiter_children, _limiter_services(new_limiter, new, reactor)
                 )
+            new_spend = reconfigure_spend_store(
+                stores["spend"], state.runtime.config, new, reactor, in_thread, spend_error
+            )
+            if new_spend is not stores["spend"]:
+                _replace_children(service, spend_children, spend_services(new_spend))
+                stores["spend"] = new_spend
             level.set(new.logging.level)
+            secrets.set(configured_secrets(new))
             if new.features.tracing.enabled != config.features.tracing.enabled:
                 log.warn("features.tracing.enabled changes take effect at the next restart")
-            runtime = build_runtime(new, agent_for, new_limiter)
+            runtime = build_runtime(
+                new, agent_for, new_limiter, spend=new_spend, alerts=alerts, metrics=metrics
+            )
             state.status.configure(new)
             return runtime
 
@@ -178,7 +207,7 @@ def build_service(
     if limits.enabled and limits.backend == "redis":
         # With the Redis backend, every instance shares its circuit breakers.
         SharedCircuits(limits.redis.url, state.circuits, reactor).setServiceParent(service)
-    for child in limiter_children:
+    for child in [*limiter_children, *spend_children, alerts]:
         child.setServiceParent(service)
     TracerService(tracer).setServiceParent(service)
     return service
@@ -226,4 +255,4 @@ def _limiter_services(limiter: IRateLimiter | None, config: Config, reactor: Any
     """
     from llmproxy.ratelimit import services_for
 
-    return services_for(limiter, config.features.rate_limiting, reactor)
+    return services_for(limiter, rate_limits_for(config), reactor)

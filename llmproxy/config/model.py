@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
-from attrs import Factory, frozen
+from attrs import Factory, field, frozen
 
 PUBLIC_BASE_URLS: Mapping[str, str] = {
     "openai": "https://api.openai.com",
@@ -336,6 +336,86 @@ class TracingConfig:
 
 
 @frozen
+class Budget:
+    """
+    A spending cap in USD for one proxy key or one user, per UTC day and
+    calendar month; L{None} means no cap for that period.
+
+    @ivar reserve_output_tokens: the output reserved for a request that
+        names no maximum of its own.
+    @ivar unpriced: C{deny} refuses (403) a model without a price, since its
+        cost cannot be counted; C{allow} forwards it and counts nothing.
+    @ivar alert_at: fractions of a cap whose crossing is logged (and posted
+        to the alert webhook), ascending.
+    """
+
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+    reserve_output_tokens: int = 1024
+    unpriced: Literal["deny", "allow"] = "deny"
+    alert_at: tuple[float, ...] = (0.8, 1.0)
+
+
+@frozen
+class ProxyKey:
+    """
+    One key the proxy issues (C{auth.keys[]}).
+
+    @ivar id: names the key in limits, records, metrics and logs.
+    @ivar hash: the SHA-256 of the key itself (32 bytes); the key is never
+        stored.
+    @ivar user: the user of its requests when nothing else names one.
+    @ivar providers: the provider mounts it may use; L{None} for all.
+    @ivar models: glob patterns of the models it may use; L{None} for all.
+    @ivar limits: rate limits for its C{key:<id>} scope, already merged
+        with C{features.rate_limiting.limits}; L{None} when not set.
+    @ivar expires_at: POSIX time from which it is refused, or L{None}.
+    """
+
+    id: str
+    hash: bytes
+    user: str | None = None
+    providers: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None
+    limits: Limits | None = None
+    budget: Budget | None = None
+    expires_at: float | None = None
+
+
+@frozen
+class AuthBudgets:
+    per_user: Mapping[str, Budget] = Factory(dict)
+
+
+@frozen
+class AlertsConfig:
+    """
+    @ivar webhook_url: where budget alerts are POSTed as JSON, if anywhere.
+    """
+
+    webhook_url: str | None = field(default=None, repr=False)
+
+
+@frozen
+class AuthConfig:
+    """
+    Who may use the proxy, with which credentials upstream, and at what cost.
+
+    @ivar mode: C{passthrough} forwards the client's credential; C{keys}
+        accepts proxy keys only; C{mixed} swaps a proxy key and passes any
+        other credential through.
+    @ivar credentials: provider mount -> the headers that carry the
+        provider credential when a proxy key is swapped.
+    """
+
+    mode: Literal["passthrough", "keys", "mixed"] = "passthrough"
+    keys: tuple[ProxyKey, ...] = ()
+    credentials: Mapping[str, Mapping[str, str]] = field(factory=dict, repr=False)
+    budgets: AuthBudgets = Factory(AuthBudgets)
+    alerts: AlertsConfig = Factory(AlertsConfig)
+
+
+@frozen
 class FeaturesConfig:
     rate_limiting: RateLimitConfig = Factory(RateLimitConfig)
     cost_tracking: CostTrackingConfig = Factory(CostTrackingConfig)
@@ -365,3 +445,4 @@ class Config:
     logging: LoggingConfig = Factory(LoggingConfig)
     providers: Mapping[str, ProviderConfig] = Factory(default_providers)
     features: FeaturesConfig = Factory(FeaturesConfig)
+    auth: AuthConfig = Factory(AuthConfig)

@@ -10,6 +10,7 @@ L{llmproxy.config.model} so the table cannot drift from the code.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import NoneType, UnionType
 from typing import Any, get_args, get_type_hints
 
 import attrs
@@ -20,6 +21,7 @@ _P = "providers.<name>"
 _M = f"{_P}.models.<model>"
 _RL = "features.rate_limiting"
 _CT = "features.cost_tracking"
+_K = "auth.keys[]"
 
 _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
     # (key, default or None to read it from the model, meaning)
@@ -261,6 +263,61 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         "OpenTelemetry spans and GenAI metrics over OTLP, set up by the `OTEL_*` variables; "
         "needs `pip install 'llmproxy[otel]'`",
     ),
+    (
+        "auth.mode",
+        None,
+        "`passthrough` forwards the client's credential; `keys` accepts only proxy keys; "
+        "`mixed` swaps a proxy key and passes any other credential through",
+    ),
+    (f"{_K}.id", "(required)", "Names the key in limits, records, metrics and logs"),
+    (
+        f"{_K}.hash",
+        "(required)",
+        "`sha256:<hex>` of the key, as `python -m llmproxy new-key` prints it",
+    ),
+    (f"{_K}.user", "(none)", "The user of the key's requests when nothing else names one"),
+    (f"{_K}.providers", "(all)", "Provider mounts the key may use"),
+    (f"{_K}.models", "(all)", "Glob patterns (`*`, `?`, `[...]`) of the models the key may use"),
+    (
+        f"{_K}.limits.<limit>",
+        "(from limits)",
+        "Rate limits of the key's scope, enforced even while `features.rate_limiting.enabled` "
+        "is `false`",
+    ),
+    (f"{_K}.budget.daily_usd", "(none)", "Spending cap per UTC day in USD; `0` allows no spend"),
+    (f"{_K}.budget.monthly_usd", "(none)", "Spending cap per calendar month (UTC) in USD"),
+    (
+        f"{_K}.budget.reserve_output_tokens",
+        None,
+        "Output tokens reserved for a request that names no maximum of its own",
+    ),
+    (
+        f"{_K}.budget.unpriced",
+        None,
+        "`deny` refuses (403) a model without a price; `allow` forwards it and counts nothing",
+    ),
+    (
+        f"{_K}.budget.alert_at",
+        None,
+        "Fractions of a cap whose crossing is logged and posted to `auth.alerts.webhook_url`",
+    ),
+    (f"{_K}.expires_at", "(never)", "ISO 8601 time from which the key is refused (UTC by default)"),
+    (
+        "auth.credentials.<name>.<header>",
+        "(none)",
+        "A header sent to provider `<name>` in place of the client's credential when a proxy "
+        "key is swapped (use `${VAR}`)",
+    ),
+    (
+        "auth.budgets.per_user.<user>.<budget>",
+        "(none)",
+        "A budget for one user, with the keys of `auth.keys[].budget`",
+    ),
+    (
+        "auth.alerts.webhook_url",
+        "(none)",
+        "URL that receives each budget alert as a JSON POST",
+    ),
 )
 
 
@@ -273,7 +330,13 @@ def _yaml_text(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(f'"{item}"' for item in value) + "]"
+        return (
+            "["
+            + ", ".join(
+                f'"{item}"' if isinstance(item, str) else _yaml_text(item) for item in value
+            )
+            + "]"
+        )
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{key}: {_yaml_text(item)}" for key, item in value.items()) + "}"
     return str(value)
@@ -290,6 +353,8 @@ def _model_default(key: str) -> str:
         if part.startswith("<"):
             cls = get_args(cls)[1]
             continue
+        listed = part.endswith("[]")
+        part = part.removesuffix("[]")
         field = attrs.fields_dict(cls)[part]
         if index == len(parts) - 1:
             default: object = field.default
@@ -298,6 +363,10 @@ def _model_default(key: str) -> str:
                 default = factory()
             return _yaml_text(default)
         cls = get_type_hints(cls)[part]
+        if listed:
+            cls = get_args(cls)[0]  # tuple[Item, ...]
+        elif isinstance(cls, UnionType):
+            cls = next(arg for arg in get_args(cls) if arg is not NoneType)  # Item | None
     raise KeyError(key)
 
 

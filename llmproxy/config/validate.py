@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from llmproxy.config.auth import parse_auth
 from llmproxy.config.checks import (
     INVALID,
     MISSING,
@@ -645,6 +646,9 @@ _TOP_KEYS: Mapping[str, Parser] = {
     "logging": nested(LoggingConfig, _LOGGING_KEYS),
     "providers": _providers,
     "features": nested(FeaturesConfig, _FEATURES_KEYS),
+    # Validated once the rest is known (see validate()): its rules name
+    # providers and inherit rate limits.
+    "auth": lambda ck, path, value: INVALID,
 }
 
 
@@ -657,6 +661,10 @@ def validate(data: object, locate: Locate) -> Config:
     """
     ck = Checker(locate)
     config = section(ck, (), data, Config, _TOP_KEYS)
+    if isinstance(data, Mapping) and "auth" in data:
+        rates = config.features.rate_limiting
+        auth = parse_auth(ck, ("auth",), data["auth"], config.providers, rates)
+        config = attrs.evolve(config, auth=auth)
     per_provider = config.features.rate_limiting.overrides.per_provider
     for name in per_provider:
         if name not in config.providers:

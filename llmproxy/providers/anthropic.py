@@ -33,7 +33,7 @@ from llmproxy.providers.openai import (
     openai_stream_event,
 )
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, loads
+from llmproxy.providers.wire import as_int, as_str, dig, first_limit, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("request-id",)
@@ -227,6 +227,7 @@ class AnthropicFormat(ProviderFormat):
             model=model,
             streaming=streaming,
             user=user,
+            max_output_tokens=first_limit(body, ("max_tokens",)),
         )
 
     def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:

@@ -53,6 +53,9 @@ class RequestFacts:
     @ivar prompt_chars: characters of prompt text in the body (for token
         estimation); L{None} when the body is not JSON or was too large to
         sample.
+    @ivar max_output_tokens: the most output the request allows
+        (C{max_tokens}, C{max_completion_tokens}, C{max_output_tokens},
+        C{generationConfig.maxOutputTokens}), if it names a limit.
     """
 
     method: str = "POST"
@@ -61,6 +64,7 @@ class RequestFacts:
     streaming: bool = False
     user: str | None = None
     prompt_chars: int | None = None
+    max_output_tokens: int | None = None
 
 
 @frozen

@@ -42,7 +42,14 @@ from llmproxy.providers.openai import (
     openai_stream_event,
 )
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, json_string, query_values
+from llmproxy.providers.wire import (
+    as_int,
+    as_str,
+    dig,
+    first_limit,
+    json_string,
+    query_values,
+)
 from llmproxy.sse import Event
 
 ID_HEADERS = ("x-request-id",)
@@ -243,7 +250,18 @@ class GeminiFormat(ProviderFormat):
                 model = last
         alt = query_values(query, "alt") + query_values(query, "$alt")
         streaming = endpoint == "streamGenerateContent" or "sse" in alt
-        return RequestFacts(method=method, endpoint=endpoint, model=model, streaming=streaming)
+        limit = first_limit(
+            body,
+            ("generationConfig", "maxOutputTokens"),
+            ("generation_config", "max_output_tokens"),
+        )
+        return RequestFacts(
+            method=method,
+            endpoint=endpoint,
+            model=model,
+            streaming=streaming,
+            max_output_tokens=limit,
+        )
 
     def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
         if facts.endpoint in COMPATIBLE_ENDPOINTS:

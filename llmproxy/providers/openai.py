@@ -30,7 +30,7 @@ from llmproxy.providers.format import ProviderFormat, RequestFacts, StreamEvent
 from llmproxy.providers.keyscan import KeyScanner
 from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, json_string, loads
+from llmproxy.providers.wire import as_int, as_str, dig, first_limit, json_string, loads
 from llmproxy.sse import Event
 
 ID_HEADERS: tuple[str, ...] = ("x-request-id",)
@@ -60,6 +60,7 @@ _DELTA_CONTENT = ("content", "tool_calls", "function_call", "refusal", "reasonin
 _ERRORS: Mapping[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
+    402: ("insufficient_quota", "budget_exceeded"),
     403: ("permission_error", None),
     404: ("invalid_request_error", "not_found"),
     409: ("invalid_request_error", "conflict"),
@@ -127,6 +128,7 @@ def describe_openai(method: str, segments: list[str], body: object | None) -> Re
         model = as_str(body.get("model"))
         user = as_str(body.get("user")) or as_str(body.get("safety_identifier"))
         streaming = body.get("stream") is True
+    limit = first_limit(body, ("max_completion_tokens",), ("max_tokens",), ("max_output_tokens",))
     if model is None and "deployments" in segments[:-1]:
         # Azure OpenAI names the deployment in the path instead.
         model = segments[segments.index("deployments") + 1]
@@ -136,6 +138,7 @@ def describe_openai(method: str, segments: list[str], body: object | None) -> Re
         model=model,
         streaming=streaming,
         user=user,
+        max_output_tokens=limit,
     )
 
 

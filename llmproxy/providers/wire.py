@@ -26,6 +26,21 @@ def as_int(value: object) -> int:
     return 0
 
 
+def first_limit(body: object, *paths: tuple[str, ...]) -> int | None:
+    """
+    The first of C{paths} in C{body} that holds a positive integer (a
+    C{max_tokens}-style limit), else L{None}; a float with no fraction
+    counts, a boolean or anything else does not.
+    """
+    for path in paths:
+        value = dig(body, *path)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 53:
+            return value
+    return None
+
+
 def as_str(value: object) -> str | None:
     """
     A non-empty JSON string, else L{None}.

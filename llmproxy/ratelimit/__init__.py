@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from attrs import evolve
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 
-from llmproxy.config import RateLimitConfig
+from llmproxy.config import Config, Limits, RateLimitConfig, RateLimitOverrides
 from llmproxy.ratelimit.estimate import estimate_tokens
 from llmproxy.ratelimit.memory import MemoryRateLimiter, sweeper_service
 from llmproxy.ratelimit.policy import (
@@ -40,6 +41,7 @@ __all__ = [
     "Reservation",
     "estimate_tokens",
     "limiter_for",
+    "rate_limits_for",
     "reconfigure_limiter",
     "services_for",
     "sweeper_service",
@@ -63,6 +65,25 @@ def _hook(metrics: MetricsHook) -> Callable[[], object] | None:
         return metrics
     counter = metrics
     return lambda: counter.ratelimit_backend_error("redis")
+
+
+def rate_limits_for(config: Config) -> RateLimitConfig:
+    """
+    The rate limits in force: C{features.rate_limiting}, with each proxy
+    key's own C{limits} as the override of its C{key:<id>} scope. A key's
+    limits are enforced even when rate limiting is off; then they are the
+    only limits (every other scope is unlimited).
+    """
+    rates = config.features.rate_limiting
+    own = {}
+    if config.auth.mode != "passthrough":
+        own = {key.id: key.limits for key in config.auth.keys if key.limits is not None}
+    if not own:
+        return rates
+    if rates.enabled:
+        per_key = {**rates.overrides.per_key, **own}
+        return evolve(rates, overrides=evolve(rates.overrides, per_key=per_key))
+    return evolve(rates, enabled=True, limits=Limits(), overrides=RateLimitOverrides(per_key=own))
 
 
 def limiter_for(

@@ -77,16 +77,10 @@ from attrs import frozen
 from zope.interface import Interface
 
 from llmproxy.config import Limits, RateLimitConfig
+from llmproxy.redislink import BackendUnavailable as BackendUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-
-
-class BackendUnavailable(Exception):  # noqa: N818 - the name the forwarder uses
-    """
-    The shared rate-limit backend could not be reached in time and
-    C{fail_mode} is C{closed}: the caller answers 503.
-    """
 
 
 @frozen

@@ -26,32 +26,21 @@ supported (one script touches several keys).
 Failures
 ========
 
-Each call has a deadline (C{redis.timeout_ms}); txredisapi queues commands
-while it reconnects, so without one a request would wait for Redis to come
-back.  On a timeout or any other backend error, C{fail_mode: open} admits
-the request without a reservation and C{closed} fails the call with
+Each call has a deadline (C{redis.timeout_ms}, see L{llmproxy.redislink}).
+On a timeout or any other backend error, C{fail_mode: open} admits the
+request without a reservation and C{closed} fails the call with
 L{BackendUnavailable}; both call the metrics hook and log a warning at most
 every L{WARNING_INTERVAL} seconds.  A failed reconcile or release is logged
 and dropped.  A reservation whose reply was lost to the deadline may still
-have been counted; it expires with its window.  The connection pool
-reconnects by itself with backoff (1 s growing to 10 s) and is replaced if
-it gives up (see L{RedisRateLimiter._live_pool}); the scripts are loaded
-again on each new connection (C{EVAL} once, then C{EVALSHA}, falling back to
-C{EVAL} on C{NOSCRIPT}).
+have been counted; it expires with its window.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from attrs import frozen
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -69,14 +58,16 @@ from llmproxy.ratelimit.policy import (
     deny,
     tightest,
 )
+from llmproxy.redislink import (
+    WARNING_INTERVAL,
+    RedisLink,
+    RedisTarget,
+    parse_redis_url,
+)
 
-log = Logger()
+__all__ = ["WARNING_INTERVAL", "RedisRateLimiter", "RedisTarget", "key_name", "parse_redis_url"]
 
 KEY_PREFIX = "llmproxy:rl:"
-WARNING_INTERVAL = 10.0
-"""Seconds between two warnings about an unreachable backend."""
-REBUILD_INTERVAL = 2.0
-"""Seconds between two replacements of a connection pool that gave up."""
 
 _COMMON = """
 local function refresh(key, k, count)
@@ -248,41 +239,6 @@ end)
 )
 
 
-@frozen
-class RedisTarget:
-    """
-    Where the Redis server is, from C{redis://[[user]:password@]host[:port][/db]}
-    (C{rediss://} for TLS, verified against the system's trust roots).
-    """
-
-    host: str
-    port: int
-    db: int
-    password: str | None
-    username: str | None
-    tls: bool
-
-
-def parse_redis_url(url: str) -> RedisTarget:
-    """
-    @raise ValueError: for another scheme, a bad port or a bad database number.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"not a redis:// or rediss:// URL: {parts.scheme!r}")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"the database must be a number, got {path!r}")
-    return RedisTarget(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(path) if path else 0,
-        password=unquote(parts.password) if parts.password is not None else None,
-        username=unquote(parts.username) if parts.username else None,
-        tls=parts.scheme == "rediss",
-    )
-
-
 def key_name(window: str, scope: str) -> str:
     """
     The Redis key holding one scope's counters in one window.
@@ -291,159 +247,28 @@ def key_name(window: str, scope: str) -> str:
 
 
 @implementer(IRateLimiter)
-class RedisRateLimiter(Service):
+class RedisRateLimiter(RedisLink):
     """
     A rate limiter whose counters live in Redis.
 
-    It is a service: starting it opens the connection pool, stopping it
-    closes the pool.  Calls made before it starts, or while Redis is away,
-    follow C{fail_mode}.
+    It is a service (a L{RedisLink}): starting it opens the connection
+    pool, stopping it closes the pool.  Calls made before it starts, or
+    while Redis is away, follow C{fail_mode}.
 
-    @param clock: the time the windows are computed from.
-    @param reactor: runs the per-call deadlines.
     @param metrics_hook: called once per backend error (unreachable, timeout,
         script error) that the caller does not see as a failure: a reserve
         that failed open, a reconcile or release that was dropped.  (A
         reserve that fails closed reaches the caller as L{BackendUnavailable}
         instead.)  For C{llmproxy_ratelimit_backend_errors_total}.
-    @param poolsize: connections in the pool; calls are pipelined on them.
     """
 
-    def __init__(
-        self,
-        config: RateLimitConfig,
-        clock: IReactorTime,
-        reactor: IReactorTime,
-        metrics_hook: Callable[[], object] | None = None,
-        *,
-        poolsize: int = 4,
-    ) -> None:
-        self._config = config
+    warning_format = (
+        "rate-limit backend {operation} failed ({error}); failing {mode}"
+        " ({suppressed} more failures since the last warning)"
+    )
+
+    def _configured(self, config: RateLimitConfig) -> None:
         self._tracked = TrackedCache(config)
-        self._clock = clock
-        self._reactor = reactor
-        self._metrics_hook = metrics_hook
-        self._poolsize = poolsize
-        self.target = parse_redis_url(config.redis.url)
-        self._pool: Any = None
-        self._built_at = -math.inf
-        self._last_warning = -math.inf
-        self._suppressed = 0
-
-    def reconfigure(self, config: RateLimitConfig) -> None:
-        """
-        Use new limits, timeout and fail mode from now on.  The Redis URL
-        is read at start only; a new one needs a restart.
-        """
-        if config.redis.url != self._config.redis.url:
-            log.warn("rate-limit Redis URL changed; restart llmproxy to use the new one")
-        self._config = config
-        self._tracked = TrackedCache(config)
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._connect()
-
-    def _connect(self) -> Any:
-        """
-        Open a new connection pool (it connects in the background).
-        """
-        # txredisapi imports the global reactor, so it is imported here,
-        # when the process already runs one, never at module import.
-        import txredisapi
-
-        target = self.target
-        tls: object = False
-        if target.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-
-            tls = optionsForClientTLS(target.host)
-        pool = txredisapi.lazyConnectionPool(
-            target.host,
-            target.port,
-            # SELECT on each new connection; 0 is where a connection starts.
-            dbid=target.db or None,
-            poolsize=self._poolsize,
-            reconnect=True,
-            password=target.password,
-            username=target.username,
-            ssl_context_factory=tls,
-            connectTimeout=5,
-        )
-        # The pool reports failing to set up a connection (bad password or
-        # database, or the pool closed while connecting) on this Deferred;
-        # the calls that needed the connection have already failed.
-        connected: Deferred[Any] | None = getattr(pool, "_connected", None)
-        if connected is not None:
-            connected.addErrback(self._setup_failed)
-        self._pool = pool
-        self._built_at = self._reactor.seconds()
-        return pool
-
-    def _setup_failed(self, failure: Failure) -> None:
-        if self.running:
-            log.warn("rate-limit Redis connection failed: {error}", error=failure.getErrorMessage())
-
-    def _live_pool(self) -> Any:
-        """
-        The pool, replaced by a new one if it has given up.
-
-        txredisapi stops reconnecting the whole pool for good when any
-        connection fails its C{AUTH} or C{SELECT}, which also happens when
-        Redis goes away during that exchange; then only a new pool recovers.
-        A pool is replaced at most every L{REBUILD_INTERVAL} seconds, so a
-        wrong password does not turn into a connection storm.
-        """
-        pool = self._pool
-        factory = getattr(pool, "_factory", None)
-        if not getattr(factory, "stopped", False):
-            return pool
-        if self._reactor.seconds() - self._built_at < REBUILD_INTERVAL:
-            return pool
-        log.warn("rate-limit Redis pool stopped reconnecting; opening a new one")
-        pool.disconnect().addErrback(lambda _: None)
-        return self._connect()
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return succeed(None)
-        closed: Deferred[None] = pool.disconnect()
-        return closed
-
-    def _call(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Deferred[Any]:
-        if self._pool is None:
-            return fail(BackendUnavailable("the Redis rate limiter is not running"))
-        result: Deferred[Any] = self._live_pool().eval(script, list(keys), list(args))
-        result.addTimeout(self._config.redis.timeout_ms / 1000, self._reactor)
-        return result
-
-    def _describe(self, failure: Failure) -> str:
-        if failure.check(TimeoutError):
-            return f"no answer within {self._config.redis.timeout_ms} ms"
-        return failure.getErrorMessage() or repr(failure.value)
-
-    def _backend_error(self, operation: str, failure: Failure, *, count: bool = True) -> None:
-        if count and self._metrics_hook is not None:
-            try:
-                self._metrics_hook()
-            except Exception:
-                log.failure("rate-limit metrics hook failed")
-        now = self._reactor.seconds()
-        if now - self._last_warning < WARNING_INTERVAL:
-            self._suppressed += 1
-            return
-        log.warn(
-            "rate-limit backend {operation} failed ({error}); failing {mode}"
-            " ({suppressed} more failures since the last warning)",
-            operation=operation,
-            error=self._describe(failure),
-            mode=self._config.fail_mode,
-            suppressed=self._suppressed,
-        )
-        self._last_warning = now
-        self._suppressed = 0
 
     def reserve(self, request: LimitRequest) -> Deferred[Decision]:
         config = self._config
@@ -472,12 +297,12 @@ class RedisRateLimiter(Service):
         def failed(failure: Failure) -> Decision:
             closed = self._config.fail_mode == "closed"
             # Closed: the caller sees BackendUnavailable and counts it itself.
-            self._backend_error("reserve", failure, count=not closed)
+            self.backend_error("reserve", failure, count=not closed)
             if closed:
-                raise BackendUnavailable(self._describe(failure))
+                raise BackendUnavailable(self.describe(failure))
             return Decision(True, None, None, None, None)
 
-        result: Deferred[Decision] = self._call(RESERVE, keys, args).addCallbacks(decided, failed)
+        result: Deferred[Decision] = self.call(RESERVE, keys, args).addCallbacks(decided, failed)
         return result
 
     def _correct(
@@ -490,9 +315,9 @@ class RedisRateLimiter(Service):
         keys = [key_name(name, scope) for name, scope in reservation.entries]
 
         def failed(failure: Failure) -> None:
-            self._backend_error(operation, failure)
+            self.backend_error(operation, failure)
 
-        result: Deferred[None] = self._call(script, keys, args).addCallbacks(lambda _: None, failed)
+        result: Deferred[None] = self.call(script, keys, args).addCallbacks(lambda _: None, failed)
         return result
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> Deferred[None]:

@@ -20,8 +20,11 @@ from llmproxy.config import ConfigError, load_config, reference_keys, render_ref
 ROOT = Path(llmproxy.__file__).resolve().parent.parent
 CONFIGURATION_PAGE = ROOT / "docs" / "configuration.md"
 
-_NAMED_KEY = re.compile(r"`((?:server|logging|providers|features)\.[\w.<>\[\]-]+)")
-"""A dotted key from the top of the configuration, as the documents quote it."""
+_NAMED_KEY = re.compile(r"`((?:server|logging|providers|features|auth)\.(?!py`)[\w.<>\[\]-]+)")
+"""
+A dotted key from the top of the configuration, as the documents quote it
+(not a module such as C{auth.py}).
+"""
 
 
 def _segments(key: str) -> list[str]:

@@ -12,13 +12,16 @@ from twisted.logger import ILogObserver, Logger, LogLevel, formatTime, globalLog
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmproxy.config import parse_config
 from llmproxy.logs import (
     FLUSH_BYTES,
     FLUSH_SECONDS,
     JSONObserver,
     LevelHolder,
     LineBuffer,
+    SecretHolder,
     TextObserver,
+    configured_secrets,
     make_observer,
     redact,
 )
@@ -54,6 +57,34 @@ class RedactTests(SynchronousTestCase):
     def test_bare_provider_keys(self) -> None:
         for secret in SECRETS[:3]:
             self.assertNotIn(secret, redact(f"upstream said: invalid key {secret}"))
+
+    def test_proxy_keys(self) -> None:
+        key = "llmp-q5EUzbdLBMYIKKQ9V8Wy3EN8dwPX_HgQCGEWAgLXSO8"
+        self.assertNotIn(key, redact(f"refused {key} for team-a"))
+
+    def test_configured_secrets(self) -> None:
+        """
+        The credentials of C{auth.credentials} are redacted in any form,
+        even where no pattern would find them; a reload replaces them.
+        """
+        config = parse_config(
+            {
+                "auth": {
+                    "credentials": {
+                        "openai": {"Authorization": "Bearer opaque-provider-credential"},
+                        "vllm-ish": {"X-Token": "0123456789abcdef"},
+                    }
+                },
+                "providers": {"vllm-ish": {"kind": "openai", "base_url": "http://h"}},
+            },
+            "test",
+        )
+        secrets = SecretHolder(configured_secrets(config))
+        text = redact("sent opaque-provider-credential and 0123456789abcdef to h", secrets)
+        self.assertEqual(text, "sent [REDACTED] and [REDACTED] to h")
+        secrets.set(["short", "another-secret-value"])
+        self.assertEqual(redact("short 0123456789abcdef", secrets), "short 0123456789abcdef")
+        self.assertEqual(redact("x another-secret-value", secrets), "x [REDACTED]")
 
     def test_cloud_credentials(self) -> None:
         """
@@ -92,6 +123,14 @@ class ObserverTests(SynchronousTestCase):
         log.failure(
             "boom", Failure(ValueError("bad x-api-key: " + SECRETS[3] + " Bearer " + SECRETS[3]))
         )
+
+    def test_observers_redact_configured_secrets(self) -> None:
+        secrets = SecretHolder(["configured-secret-1234"])
+        for observer in (TextObserver, JSONObserver):
+            stream = io.StringIO()
+            Logger(observer=observer(stream, secrets)).info("got {v}", v="configured-secret-1234")
+            self.assertNotIn("configured-secret-1234", stream.getvalue())
+            self.assertIn("[REDACTED]", stream.getvalue())
 
     def test_text_observer_redacts(self) -> None:
         stream = io.StringIO()

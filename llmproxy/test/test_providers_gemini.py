@@ -195,6 +195,15 @@ class InspectTests(SynchronousTestCase):
             info = FORMAT.inspect(b"POST", path, query, b"").facts
             self.assertEqual((info.endpoint, info.streaming), (endpoint, streaming), path)
 
+    def test_maxOutputTokens(self) -> None:
+        path = b"/v1beta/models/gemini-2.5-flash:generateContent"
+        for config, expected in (
+            ({"generationConfig": {"maxOutputTokens": 64}}, 64),
+            ({"generation_config": {"max_output_tokens": 32}}, 32),
+            ({"generationConfig": {"temperature": 1}}, None),
+        ):
+            self.assertEqual(request(path, {"contents": [], **config}).max_output_tokens, expected)
+
     def test_model(self) -> None:
         info = request(b"/v1beta/models/gemini-2.5-flash%2Dlite:generateContent")
         self.assertEqual(info.model, "gemini-2.5-flash-lite")

@@ -370,6 +370,21 @@ class InspectTests(SynchronousTestCase):
         info = request(b"/v1/responses", {"model": "m", "safety_identifier": "hash-9"})
         self.assertEqual(info.user, "hash-9")
 
+    def test_maxOutputTokens(self) -> None:
+        """
+        The request's own cap on output, whichever field names it (the
+        newer C{max_completion_tokens} first).
+        """
+        for body, expected in (
+            ({"max_tokens": 10}, 10),
+            ({"max_completion_tokens": 20, "max_tokens": 10}, 20),
+            ({"max_output_tokens": 30}, 30),
+            ({"max_tokens": "many"}, None),
+            ({}, None),
+        ):
+            facts = request(b"/v1/chat/completions", {"model": "gpt-4o", **body})
+            self.assertEqual(facts.max_output_tokens, expected, body)
+
     def test_azureDeployment(self) -> None:
         info = request(b"/openai/deployments/gpt4o-prod/chat/completions", {"messages": []})
         self.assertEqual(info.model, "gpt4o-prod")

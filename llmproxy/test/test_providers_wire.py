@@ -11,6 +11,7 @@ from llmproxy.providers.wire import (
     as_int,
     decode_path,
     dig,
+    first_limit,
     media_type,
     parse_json_body,
     query_values,
@@ -27,6 +28,14 @@ class HelperTests(SynchronousTestCase):
             [as_int(v) for v in (5, 0, -3, True, 2.0, "7", None, float("nan"), 1e300)],
             [5, 0, 0, 0, 2, 0, 0, 0, 0],
         )
+
+    def test_firstLimit(self) -> None:
+        body = {"max_tokens": 0, "max_completion_tokens": 100, "generationConfig": {"n": 7.0}}
+        self.assertEqual(first_limit(body, ("max_tokens",), ("max_completion_tokens",)), 100)
+        self.assertEqual(first_limit(body, ("generationConfig", "n")), 7)
+        for bad in (True, "5", -1, 2.5, None, 1e300):
+            self.assertIsNone(first_limit({"m": bad}, ("m",)), bad)
+        self.assertIsNone(first_limit(None, ("m",)))
 
     def test_dig(self) -> None:
         value = {"a": [{"b": 1}]}

@@ -19,12 +19,12 @@ timeouts, the fake's delays) is on L{MemoryProxy.clock}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -37,16 +37,20 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from llmproxy.attempt import BytesProducer
+from llmproxy.budgets import AlertSender, ISpendStore, spend_store_for
+from llmproxy.budgets.alerts import Post
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.config import Config, ProviderConfig
 from llmproxy.health import HealthBoard
 from llmproxy.metrics import Metrics
-from llmproxy.ratelimit import IRateLimiter, limiter_for
+from llmproxy.ratelimit import IRateLimiter, limiter_for, rate_limits_for
 from llmproxy.records import CostRecord
 from llmproxy.runtime import ProxyState, build_runtime
 from llmproxy.sinks import ICostSink
 from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.web import gateway_site
+
+_T = TypeVar("_T")
 
 BUILD = BuildInfo(version="0.0.0", commit=None, built_at=None, python="3", twisted="0")
 """Build information for proxies in memory (nothing is read from disk)."""
@@ -201,6 +205,14 @@ class _Collector(Protocol):
         self._received.reason = reason
 
 
+def _at_once(work: Callable[[], _T]) -> Deferred[_T]:
+    """
+    Runs "in a thread" at once: in memory, the cost-record rebuild is done
+    before the proxy answers its first request.
+    """
+    return succeed(work())
+
+
 class MemoryProxy:
     """
     A proxy for one configuration, its fake upstream, and a client, all in
@@ -221,6 +233,10 @@ class MemoryProxy:
         limiter: IRateLimiter | None = None,
         upstream_agent: IAgent | None = None,
         hosts: Sequence[str] = (),
+        *,
+        spend: ISpendStore | None = None,
+        webhook: Post | None = None,
+        start: float = 0.0,
     ) -> None:
         """
         @param limiter: the rate limiter; by default the one C{config} asks
@@ -230,8 +246,13 @@ class MemoryProxy:
         @param hosts: upstream host names that get a fake of their own (in
             L{fakes}), for tests with several upstreams; every other host is
             served by L{fake}.
+        @param spend: the budgets' spend store; by default the one C{config}
+            asks for (in memory, rebuilt from its cost-record file at once).
+        @param webhook: how budget alerts are POSTed (see L{alerts}).
+        @param start: the clock's time to begin at (POSIX seconds).
         """
         self.clock = MemoryReactorClock()
+        self.clock.advance(start)
         self.fake = FakeUpstream(self.clock)
         self.fakes = {host: FakeUpstream(self.clock) for host in hosts}
         self.upstream_links = {
@@ -243,13 +264,20 @@ class MemoryProxy:
             self.upstream_links, self.upstream_link
         )
         if limiter is None:
-            limiter = limiter_for(config.features.rate_limiting, self.clock)
-        runtime = build_runtime(config, self._agent_for, limiter)
+            limiter = limiter_for(rate_limits_for(config), self.clock)
+        metrics = Metrics()
+        if spend is None:
+            spend = spend_store_for(config, self.clock, _at_once)
+        self.spend = spend
+        self.alerts = AlertSender(self.clock, webhook)
+        runtime = build_runtime(
+            config, self._agent_for, limiter, spend=spend, alerts=self.alerts, metrics=metrics
+        )
         self.sink = RecordingCostSink()
         self.state = ProxyState(
             clock=self.clock,
             runtime=runtime,
-            metrics=Metrics(),
+            metrics=metrics,
             health=HealthBoard(self.clock),
             sink=self.sink,
             build=BUILD,
@@ -260,6 +288,21 @@ class MemoryProxy:
 
     def _agent_for(self, provider: ProviderConfig) -> IAgent:
         return self.upstream_agent
+
+    def reload(self, config: Config) -> None:
+        """
+        What SIGHUP does: a new runtime for C{config}, over the same
+        limiter and spend store, for requests that arrive from now on.
+        """
+        runtime = self.state.runtime
+        self.state.runtime = build_runtime(
+            config,
+            self._agent_for,
+            runtime.limiter,
+            spend=self.spend,
+            alerts=self.alerts,
+            metrics=self.state.metrics,
+        )
 
     def request(
         self,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -200,12 +200,14 @@ class CloudProxyTestCase(ProxyTestCase):
             else:
                 self.addCleanup(os.environ.__setitem__, name, previous)
 
-    def start_proxy(self, config: Config) -> Deferred[None]:
+    def start_proxy(self, config: Config, config_paths: Sequence[str] = ()) -> Deferred[None]:
         adc = self.mktemp()
         with open(adc, "w") as stream:
             json.dump(cloud_clients.service_account(self.upstream_url + "/oauth2/token"), stream)
         self.environ(GOOGLE_APPLICATION_CREDENTIALS=adc)
-        self.service = build_service(reactor, config, [], ["tcp:0:interface=127.0.0.1", self.tls])
+        self.service = build_service(
+            reactor, config, config_paths, ["tcp:0:interface=127.0.0.1", self.tls]
+        )
         self.service.privilegedStartService()
         self.service.startService()
         self.addCleanup(self.service.stopService)

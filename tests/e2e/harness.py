@@ -119,9 +119,15 @@ class ProxyTestCase(TestCase):
         self.addCleanup(pool.closeCachedConnections)
         self.http = HTTPClient(Agent(reactor, pool=pool))
 
-    def start_proxy(self, config: Config) -> Deferred[None]:
+    def start_proxy(self, config: Config, config_paths: Sequence[str] = ()) -> Deferred[None]:
+        """
+        Start a proxy for C{config}; C{self.proxy_url} points at it.
+
+        @param config_paths: the files C{config} came from, which a reload
+            re-reads.
+        """
         self.service: ProxyService = build_service(
-            reactor, config, [], ["tcp:0:interface=127.0.0.1"]
+            reactor, config, config_paths, ["tcp:0:interface=127.0.0.1"]
         )
         self.service.privilegedStartService()
         self.service.startService()
