@@ -20,7 +20,8 @@ boards in step:
 
 While Redis is unreachable each instance falls back to its own board,
 which keeps counting on its own: breakers degrade to per-instance, never
-to none.
+to none. The connection is a L{RedisLink} of its own, with the rate
+limiter's URL and call deadline.
 
 Key layout: C{llmproxy:cb:<provider>|<upstream>|<model>} hashes
 (C{failures}, C{open_until}), the index hash C{llmproxy:cb:open} (field:
@@ -32,15 +33,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmproxy.circuits import CircuitBoard, CircuitKey
-from llmproxy.ratelimit.redis_backend import parse_redis_url
+from llmproxy.config import RateLimitConfig
+from llmproxy.redislink import RedisLink
 
 log = Logger(namespace="llmproxy.circuits")
 
@@ -48,8 +49,6 @@ PREFIX = "llmproxy:cb:"
 INDEX = PREFIX + "open"
 SYNC_INTERVAL = 0.5
 """Seconds between two reads of the fleet's open circuits."""
-TIMEOUT = 0.5
-"""How long a call to Redis may take before the instance goes on alone."""
 
 FAIL = """
 -- KEYS: circuit, index; ARGV: field, now, threshold, cooldown, half_open
@@ -75,39 +74,39 @@ return 0
 """
 
 
+SYNC = """
+-- KEYS: index
+return redis.call('HGETALL', KEYS[1])
+"""
+
+CLAIM = """
+-- KEYS: probe; ARGV: milliseconds
+return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+"""
+
+
 def circuit_field(key: CircuitKey) -> str:
     return "|".join(key)
 
 
-class SharedCircuits(Service):
+class SharedCircuits(RedisLink):
     """
     Keeps a L{CircuitBoard} in step with every other instance's, through
-    Redis.
+    the rate limiter's Redis.
     """
 
-    def __init__(self, url: str, board: CircuitBoard, reactor: IReactorTime) -> None:
-        self._target = parse_redis_url(url)
+    warning_format = (
+        "circuit breakers: Redis {operation} failed ({error}); each instance keeps its own"
+        " ({suppressed} more failures since the last warning)"
+    )
+
+    def __init__(self, config: RateLimitConfig, board: CircuitBoard, reactor: IReactorTime) -> None:
+        super().__init__(config, reactor, reactor, poolsize=1)
         self._board = board
-        self._reactor = reactor
-        self._pool: Any = None
         self._loop: LoopingCall | None = None
-        self._warned = False
 
     def startService(self) -> None:
         super().startService()
-        import txredisapi
-
-        target = self._target
-        self._pool = txredisapi.lazyConnectionPool(
-            target.host,
-            target.port,
-            dbid=target.db or None,
-            poolsize=1,
-            reconnect=True,
-            password=target.password,
-            username=target.username,
-            connectTimeout=5,
-        )
         self._board.share(self)
         self._loop = LoopingCall(self.sync)
         self._loop.clock = self._reactor
@@ -116,15 +115,10 @@ class SharedCircuits(Service):
         )
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
         self._board.share(None)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return succeed(None)
-        closed: Deferred[None] = pool.disconnect()
-        return closed
+        return super().stopService()
 
     # -- what the board tells the fleet ----------------------------------------
 
@@ -132,13 +126,15 @@ class SharedCircuits(Service):
         now = self._reactor.seconds()
         field = circuit_field(key)
         args = [field, repr(now), str(threshold), repr(cooldown), "1" if half_open else "0"]
-        self._call(FAIL, [PREFIX + field, INDEX], args).addCallbacks(
-            lambda until: self._board.adopt(key, float(until)), self._unreachable
+        self.call(FAIL, [PREFIX + field, INDEX], args).addCallbacks(
+            lambda until: self._board.adopt(key, float(until)),
+            self._failed,
+            errbackArgs=("failure",),
         )
 
     def succeeded(self, key: CircuitKey) -> None:
         field = circuit_field(key)
-        self._call(SUCCEED, [PREFIX + field, INDEX], [field]).addErrback(self._unreachable)
+        self.call(SUCCEED, [PREFIX + field, INDEX], [field]).addErrback(self._failed, "success")
 
     def claim_probe(self, key: CircuitKey, cooldown: float) -> Deferred[bool]:
         """
@@ -146,22 +142,14 @@ class SharedCircuits(Service):
         instance may send it (also when Redis cannot be asked: then each
         instance probes on its own).
         """
-        if self._pool is None:
-            return succeed(True)
         name = PREFIX + circuit_field(key) + ":probe"
-        asked: Deferred[Any] = self._pool.set(
-            name, "1", pexpire=max(int(cooldown * 1000), 1), only_if_not_exists=True
-        )
-        asked.addTimeout(TIMEOUT, self._reactor)
-
-        def claimed(reply: object) -> bool:
-            return reply is not None and reply is not False
+        asked = self.call(CLAIM, [name], [str(max(int(cooldown * 1000), 1))])
 
         def failed(failure: Failure) -> bool:
-            self._unreachable(failure)
+            self._failed(failure, "probe claim")
             return True
 
-        return asked.addCallbacks(claimed, failed)
+        return asked.addCallbacks(lambda reply: bool(reply), failed)
 
     # -- what the fleet tells the board -----------------------------------------
 
@@ -169,34 +157,17 @@ class SharedCircuits(Service):
         """
         Adopt the circuits any instance has opened.
         """
-        if self._pool is None:
-            return succeed(None)
-        read: Deferred[Any] = self._pool.hgetall(INDEX)
-        read.addTimeout(TIMEOUT, self._reactor)
 
-        def adopt(entries: dict[Any, Any]) -> None:
+        def adopt(flat: list[Any]) -> None:
             opened = {}
-            for field, until in entries.items():
+            for field, until in zip(flat[::2], flat[1::2], strict=True):
                 text = field.decode() if isinstance(field, bytes) else str(field)
-                parts = tuple(text.split("|"))
+                parts = text.split("|")
                 if len(parts) == 3:
                     opened[(parts[0], parts[1], parts[2])] = float(until)
             self._board.adopt_all(opened)
-            self._warned = False
 
-        return read.addCallbacks(adopt, self._unreachable)
+        return self.call(SYNC, [INDEX], []).addCallbacks(adopt, self._failed, errbackArgs=("sync",))
 
-    def _call(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
-        if self._pool is None:
-            return succeed("0")
-        result: Deferred[Any] = self._pool.eval(script, keys, args)
-        result.addTimeout(TIMEOUT, self._reactor)
-        return result
-
-    def _unreachable(self, failure: Failure) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warn(
-                "circuit breakers: Redis unreachable ({error}); each instance keeps its own",
-                error=failure.getErrorMessage(),
-            )
+    def _failed(self, failure: Failure, operation: str) -> None:
+        self.backend_error(operation, failure, count=False)

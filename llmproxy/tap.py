@@ -206,7 +206,7 @@ def build_service(
     limits = config.features.rate_limiting
     if limits.enabled and limits.backend == "redis":
         # With the Redis backend, every instance shares its circuit breakers.
-        SharedCircuits(limits.redis.url, state.circuits, reactor).setServiceParent(service)
+        SharedCircuits(limits, state.circuits, reactor).setServiceParent(service)
     for child in [*limiter_children, *spend_children, alerts]:
         child.setServiceParent(service)
     TracerService(tracer).setServiceParent(service)
