@@ -18,6 +18,7 @@ itself when a phase refuses or fails.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 
@@ -42,6 +43,18 @@ from llmproxy.usage import Usage
 log = Logger(namespace="llmproxy.call")
 
 REQUEST_ID_HEADER = b"X-LLM-Proxy-Request-ID"
+
+_PROCESS_ID = secrets.token_hex(8)
+_SERIAL = itertools.count()
+
+
+def next_request_id() -> str:
+    """
+    A request id: 32 hex digits, unique in this process by a counter and
+    across processes by a random half drawn once at start (a random id per
+    request cost a system call each).
+    """
+    return f"{_PROCESS_ID}{next(_SERIAL) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class Call:
@@ -116,11 +129,13 @@ class Call:
         @param body: the request's body, as received.
         """
         request, target = self._request, self._target
-        # 32 hex digits, like a uuid4's, without building a UUID object.
-        request_id = secrets.token_hex(16)
+        request_id = next_request_id()
         request.setHeader(REQUEST_ID_HEADER, request_id.encode("ascii"))
         self._access.identify(request_id, target.name)
-        config = self._runtime.config
+        runtime = self._runtime
+        config = runtime.config
+        # Prompt text is counted only for something that estimates tokens.
+        estimating = runtime.limiter is not None or runtime.budgets is not None
         inspected = inspect(
             request_id,
             target,
@@ -129,7 +144,9 @@ class Call:
             request.requestHeaders,
             body,
             inject_stream_usage=target.upstream.config.inject_stream_usage,
-            sample_limit=config.features.rate_limiting.estimation.max_sample_bytes,
+            sample_limit=(
+                config.features.rate_limiting.estimation.max_sample_bytes if estimating else -1
+            ),
         )
         if isinstance(inspected, BadRequest):
             self._refuse(Refused(400, inspected.message))

@@ -116,6 +116,15 @@ class AttemptPlan:
         """
         if self.attempts >= self._retry.max_attempts:
             return Exhausted()
+        if len(self._chain) == 1 and not self._failed:
+            # One mount: its first attempt, or after a pause (most requests).
+            mount, upstream = self._chain[0]
+            endpoints = upstream.config.upstreams
+            if len(endpoints) == 1:
+                endpoint = endpoints[0]
+                state = self._board.availability(mount, endpoint.name, self._model)
+                if state.available:
+                    return self._take(Choice(mount, upstream, endpoint, 0.0, state.probe))
         now = self._clock.seconds()
         soonest: float | None = None
         retry: list[tuple[str, Upstream, UpstreamConfig]] = []

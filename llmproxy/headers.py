@@ -41,12 +41,20 @@ only when the body is passed through undecoded (see L{copy_response_headers}).
 """
 
 
-def _connection_named(headers: Headers) -> frozenset[bytes]:
-    return frozenset(
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", [])
-        for token in value.split(b",")
-        if token.strip()
+_REQUEST_SKIP = HOP_BY_HOP | REQUEST_DROP
+_RESPONSE_SKIP = HOP_BY_HOP | RESPONSE_DROP
+
+
+def _skipped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:
+    """
+    C{always}, plus the headers a C{Connection} header names (rare: the
+    common case costs one lookup).
+    """
+    named = headers.getRawHeaders(b"connection")
+    if not named:
+        return always
+    return always | frozenset(
+        token.strip().lower() for value in named for token in value.split(b",") if token.strip()
     )
 
 
@@ -59,7 +67,7 @@ def forward_request_headers(
     C{Content-Length} and C{Accept-Encoding}; plus C{X-Forwarded-For} (appended) and
     C{X-Forwarded-Proto} when C{forwarded}.
     """
-    skip = HOP_BY_HOP | REQUEST_DROP | _connection_named(incoming)
+    skip = _skipped(incoming, _REQUEST_SKIP)
     outgoing = Headers()
     for name, values in incoming.getAllRawHeaders():
         if name.lower() not in skip:
@@ -83,12 +91,13 @@ def copy_response_headers(response: IResponse, request: IRequest) -> bool:
     itself, so one still present is an encoding we pass through untouched.
     """
     headers = response.headers
-    skip = HOP_BY_HOP | RESPONSE_DROP | _connection_named(headers)
+    skip = _skipped(headers, _RESPONSE_SKIP)
+    copied = request.responseHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
         if lower in skip or lower.startswith(b"access-control-"):
             continue
-        request.responseHeaders.setRawHeaders(name, list(values))
+        copied.setRawHeaders(name, values)
     encodings = content_codings(headers)
     if encodings:
         request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
