@@ -49,6 +49,9 @@ PREFIX = "llmproxy:cb:"
 INDEX = PREFIX + "open"
 SYNC_INTERVAL = 0.5
 """Seconds between two reads of the fleet's open circuits."""
+PROBE_HOLD_SECONDS = 60.0
+"""The longest a claimed probe keeps others off a circuit if its instance
+dies before reporting how the probe went."""
 
 FAIL = """
 -- KEYS: circuit, index; ARGV: field, now, threshold, cooldown, half_open
@@ -143,7 +146,10 @@ class SharedCircuits(RedisLink):
         instance probes on its own).
         """
         name = PREFIX + circuit_field(key) + ":probe"
-        asked = self.call(CLAIM, [name], [str(max(int(cooldown * 1000), 1))])
+        # The claim ends when the probe does (success or failure clear it);
+        # its expiry only frees a circuit whose prober died.
+        hold = max(cooldown, PROBE_HOLD_SECONDS)
+        asked = self.call(CLAIM, [name], [str(int(hold * 1000))])
 
         def failed(failure: Failure) -> bool:
             self._failed(failure, "probe claim")

@@ -107,12 +107,18 @@ class SharedCircuitTests(TestCase):
         self.assertEqual(len(self.flaky.received), 5)
         # After the cooldown, 40 concurrent requests over both proxies: one
         # probe for the whole fleet, which succeeds and closes the circuit.
+        # The probe is slow (3 s): every other request of the burst is over
+        # (answered by "good") while it is in flight.
         del self.flaky.defaults["x-fake-status"]
-        self.flaky.defaults["x-fake-headers-delay-ms"] = "300"
+        self.flaky.defaults["x-fake-headers-delay-ms"] = "3000"
         yield deferLater(reactor, COOLDOWN, lambda: None)
-        statuses = yield gatherResults([self.post(self.ports[i % 2]) for i in range(40)])
+        burst = [self.post(self.ports[i % 2]) for i in range(40)]
+        yield deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual(len(self.flaky.received), 6)
+        statuses = yield gatherResults(burst)
         self.assertEqual(statuses, [200] * 40)
         self.assertEqual(len(self.flaky.received), 6)
+        del self.flaky.defaults["x-fake-headers-delay-ms"]
         yield deferLater(reactor, 0.7, lambda: None)
         for port in self.ports:
             yield self.post(port)
