@@ -814,6 +814,11 @@ FEATURES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("ratelimit-memory.yml", "cost.yml"),
     ),
     ("status-off", "status page aggregates off (the baseline has them on)", ("status-off.yml",)),
+    (
+        "resilience-off",
+        "resilience off: one attempt, no stream gate (the baseline has them on)",
+        ("resilience-off.yml",),
+    ),
     ("tracing", "tracing (OpenTelemetry, OTLP/HTTP to a local sink)", ("tracing.yml",)),
 )
 
