@@ -146,6 +146,49 @@ class RetryTests(ResilienceTestCase):
         self.assertEqual(received.header(b"x-llm-proxy-attempts"), b"3")
         self.assertEqual((len(self.a.received), len(self.b.received)), (2, 1))
 
+    def test_unreachable_everywhere(self) -> None:
+        """
+        Every upstream drops the connection: after three tries (a backoff
+        before the third, to one already tried) the client gets the
+        proxy's 502, saying how many tries and which upstream came last;
+        one record; the reservation is given back.
+        """
+        proxy = self.proxy(two_upstreams())
+        self.a.defaults["x-fake-reset"] = "1"
+        self.b.defaults["x-fake-reset"] = "1"
+        received = self.send(b"/openai/v1/chat/completions")
+        self.assertEqual(received.status, 502)
+        self.assertEqual(received.header(b"x-llm-proxy-error-source"), b"upstream")
+        self.assertEqual(received.header(b"x-llm-proxy-attempts"), b"3")
+        self.assertIn(received.header(b"x-llm-proxy-upstream"), (b"openai/a", b"openai/b"))
+        [record] = proxy.sink.records
+        self.assertEqual((record.status, record.attempts), (502, 3))
+        self.assertEqual(len(self.a.received) + len(self.b.received), 3)
+
+    def test_burst(self) -> None:
+        """
+        300 concurrent requests while upstream C{a} fails: every one
+        succeeds, one record each, and the records' attempts add up to the
+        upstream calls made (the circuit soon spares C{a} the rest).
+        """
+        proxy = self.proxy(two_upstreams())
+        self.a.defaults["x-fake-status"] = "503"
+        self.a.defaults["x-fake-headers-delay-ms"] = "50"
+        answers: list[Received] = []
+        for _ in range(300):
+            proxy.request(b"POST", b"/openai/v1/chat/completions", OPENAI, CHAT).addCallback(
+                answers.append
+            )
+        proxy.advance(2.0)
+        self.assertEqual([r.status for r in answers], [200] * 300)
+        records = proxy.sink.records
+        self.assertEqual(len(records), 300)
+        self.assertEqual(
+            sum(r.attempts for r in records), len(self.a.received) + len(self.b.received)
+        )
+        self.assertEqual(len(self.b.received), 300)
+        self.assertEqual(self.memory.state.circuits.in_flight("openai", "a"), 0)
+
     def test_retry_after_waited_for(self) -> None:
         """
         A 429 with a short C{Retry-After} is waited for (one upstream); a
