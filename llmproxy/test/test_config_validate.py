@@ -417,3 +417,69 @@ class CustomProviderTests(FilesMixin):
             ),
         )
         self.assertEqual(list(config.providers)[:3], ["openai", "anthropic", "gemini"])
+
+
+class ResilienceKeyTests(FilesMixin):
+    """
+    C{upstreams}, C{fallback}, C{retry}, C{stream_gate}, C{circuit_breaker}.
+    """
+
+    def test_upstreams(self) -> None:
+        config = self.load(
+            "providers:\n"
+            "  openai:\n"
+            "    upstreams:\n"
+            "      - {base_url: 'http://a:8080/v1', headers: {Authorization: Bearer x}}\n"
+            "      - {name: b, base_url: 'http://b', weight: 3, priority: 1,\n"
+            "         models: {gpt-4o: gpt-4o-prod}}\n"
+            "    retry: {max_attempts: 4}\n"
+        )
+        openai = config.providers["openai"]
+        self.assertEqual([u.name for u in openai.upstreams], ["a:8080", "b"])
+        self.assertEqual(openai.base_url, "http://a:8080/v1")
+        self.assertEqual(openai.upstreams[1].models, {"gpt-4o": "gpt-4o-prod"})
+        self.assertEqual((openai.retry.max_attempts, openai.retry.backoff_seconds), (4, 0.25))
+        self.assertEqual(config.providers["anthropic"].upstreams[0].name, "api.anthropic.com")
+
+    def test_bad_values(self) -> None:
+        path = self.write(
+            "config.yml",
+            "providers:\n"
+            "  openai:\n"
+            "    base_url: 'http://z'\n"
+            "    upstreams:\n"
+            "      - {name: a, base_url: 'http://a', weight: 0, headers: {'bad name': x}}\n"
+            "      - {name: a, base_url: 'http://a2', models: {m: ''}}\n"
+            "      - {name: c}\n"
+            "    fallback: [anthropic, nowhere, openai]\n"
+            "    retry: {max_attempts: 0, backoff_seconds: -1}\n"
+            "    stream_gate: {max_bytes: -5}\n"
+            "    circuit_breaker: {failures: 0, cooldown_seconds: 0}\n",
+        )
+        errors = [error.split(": ", 1)[1] for error in self.errors([path])]
+        expected = [
+            "providers.openai.base_url: expected either base_url or upstreams, not both",
+            "providers.openai.upstreams[0].weight: expected an integer > 0, got 0",
+            "providers.openai.upstreams[0].headers.bad name: expected a header name",
+            "providers.openai.upstreams[1].models.m: expected the model's name at this upstream",
+            "providers.openai.upstreams[1].name: expected a name no other upstream",
+            "providers.openai.upstreams[2].base_url: expected an http(s) URL (required)",
+            "providers.openai.fallback[0]: expected a provider of kind 'openai', got 'anthropic'",
+            "providers.openai.fallback[1]: expected the name of a configured provider",
+            "providers.openai.fallback[2]: expected another provider than this one",
+            "providers.openai.retry.max_attempts: expected an integer > 0, got 0",
+            "providers.openai.retry.backoff_seconds: expected a number >= 0, got -1",
+            "providers.openai.stream_gate.max_bytes: expected an integer >= 0, got -5",
+            "providers.openai.circuit_breaker.failures: expected an integer > 0, got 0",
+            "providers.openai.circuit_breaker.cooldown_seconds: expected a number > 0, got 0",
+        ]
+        for line in expected:
+            self.assertTrue(any(error.startswith(line) for error in errors), (line, errors))
+        self.assertEqual(len(errors), len(expected), errors)
+
+    def test_empty_upstreams(self) -> None:
+        self.assertOneError(
+            "providers:\n  openai: {upstreams: []}\n",
+            "providers.openai.upstreams",
+            "expected a non-empty list of upstreams, got []",
+        )
