@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.circuits import CircuitBoard, State
 from llmproxy.config import Config
+from llmproxy.group.view import GroupView
 from llmproxy.health import HealthBoard
 from llmproxy.metrics import Metrics
 from llmproxy.pricing import PriceBook, UnpricedWarnings
@@ -71,6 +72,9 @@ class ProxyState:
     @ivar runtime: the current configuration's runtime; replaced on reload.
     @ivar draining: set once shutdown begins; C{/health} then answers 503.
     @ivar inflight: requests received and not yet finished.
+    @ivar received: requests received since the start.
+    @ivar group: in a worker of a group, its view of the whole group (what
+        C{/health} reports); C{None} in a process of its own.
     """
 
     clock: IReactorTime
@@ -86,6 +90,8 @@ class ProxyState:
     )
     draining: bool = False
     inflight: int = 0
+    received: int = 0
+    group: GroupView | None = None
     _idle_waiters: list[Deferred[None]] = field(factory=list)
 
     def _circuit_moved(self, provider: str, upstream: str, model: str, state: State) -> None:
@@ -122,6 +128,7 @@ class ProxyState:
 
     def request_started(self) -> None:
         self.inflight += 1
+        self.received += 1
 
     def request_finished(self) -> None:
         self.inflight -= 1

@@ -60,6 +60,7 @@ class StateService(Service):
         """
         super().privilegedStartService()
         factory = Factory.forProtocol(self._build)
+        factory.noisy = False
         self._port = self._reactor.listenUNIX(self.path, factory, backlog=128, mode=0o600)
 
     def stopService(self) -> Deferred[None]:
