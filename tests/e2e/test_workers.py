@@ -490,3 +490,26 @@ class RedisWorkersTests(WorkersTestCase):
         for proc in (first, second):
             served = yield self.served(proc)
             self.assertTrue(all(count > 1 for count in served), served)
+
+
+class BootFailureTests(WorkersTestCase):
+    @inlineCallbacks
+    def test_workers_that_cannot_start_stop_the_group(self) -> Any:
+        """
+        Workers that exit before serving, again and again (here: their
+        configuration file vanished after the master read it), stop the
+        group: the master exits with status 1 rather than spin.
+        """
+        path = self.config()
+        proc = yield self.start(path, wait_for_port=False)
+        while b"starting 2 workers" not in proc.output:
+            yield deferLater(reactor, 0.01, lambda: None)
+        os.remove(path)
+        exit_code = yield proc.wait_exit()
+        self.assertEqual(exit_code, 1, proc.output[-2000:])
+        self.assertTrue(
+            b"exited 5 times in a row before serving; stopping" in proc.output,
+            proc.output[-2000:],
+        )
+        self.assertTrue(b"invalid configuration" in proc.output, proc.output[-2000:])
+        self.assertFalse(b"workers serving" in proc.output)
