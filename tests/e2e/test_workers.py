@@ -513,3 +513,30 @@ class BootFailureTests(WorkersTestCase):
         )
         self.assertTrue(b"invalid configuration" in proc.output, proc.output[-2000:])
         self.assertFalse(b"workers serving" in proc.output)
+
+
+class MasterGoneTests(WorkersTestCase):
+    @inlineCallbacks
+    def test_workers_drain_when_the_master_dies(self) -> Any:
+        """
+        The master killed with SIGKILL: its workers (and the spare) notice
+        their connection to it close, drain, finish the stream in flight and
+        exit; no process of the group is left behind.
+        """
+        proc = yield self.start(self.config())
+        while (yield self.health(proc))[1]["spare_worker"] is None:
+            yield deferLater(reactor, 0.05, lambda: None)
+        _, body = yield self.health(proc)
+        pids = [worker["pid"] for worker in body["workers"]] + [body["spare_worker"]["pid"]]
+        stream = self.post(proc, STREAM, x_fake_chunks="10", x_fake_delay_ms="100")
+        yield self.wait_for_streams(proc, 1)
+        proc.send_signal(signal.SIGKILL)
+        status, received = yield stream
+        self.assertEqual(status, 200)
+        self.assertTrue(received.rstrip().endswith(b"data: [DONE]"), received[-200:])
+        for _ in range(200):
+            if not any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([pid for pid in pids if os.path.exists(f"/proc/{pid}")], [])
+        self.assertTrue(b"the master is gone; draining" in proc.output, proc.output[-2000:])
