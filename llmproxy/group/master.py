@@ -167,7 +167,11 @@ class MasterService(MultiService):
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         for port in self.ports:
             log.info("listening on {address}", address=str(port.getHost()))
-        log.info("starting {count} workers", count=len(self.workers.slots))
+        log.info(
+            "starting {count} workers; the group's state socket and metrics are in {directory}",
+            count=len(self.workers.slots),
+            directory=self.directory,
+        )
         self._reactor.callWhenRunning(self.workers.start)
 
     def _spec_for(self, index: int) -> tuple[WorkerSpec, dict[int, int], dict[str, str]]:

@@ -11,6 +11,7 @@ SIGHUP and systemd handled by the master.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 from treq.client import HTTPClient
 from treq.content import content
-from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
@@ -93,8 +94,16 @@ class WorkersTestCase(TestCase):
 
     @inlineCallbacks
     def start(self, *paths: str, workers: int = 2, **kwargs: Any) -> Any:
+        """
+        Start a group; once its workers serve, wait for its spare too, so
+        that the spare's start (a second of CPU) does not skew what the
+        test measures.
+        """
         proc = yield ProxyProcess.start(reactor, paths, workers=workers, **kwargs)
         self.addCleanup(proc.stop)
+        if kwargs.get("wait_for_port", True):
+            while (yield self.health(proc))[1]["spare_worker"] is None:
+                yield deferLater(reactor, 0.05, lambda: None)
         return proc
 
     @inlineCallbacks
@@ -152,11 +161,13 @@ class LimitTests(WorkersTestCase):
             "    limits: {requests_per_minute: 100}\n"
         )
         proc = yield self.start(path)
+        before = yield self.served(proc)
         results = yield gatherResults([self.post(proc) for _ in range(300)])
         statuses = [status for status, _ in results]
         self.assertEqual((statuses.count(200), statuses.count(429)), (100, 200), set(statuses))
         self.assertEqual(len(self.fake.received), 100)
-        served = yield self.served(proc)
+        after = yield self.served(proc)
+        served = [b - a for a, b in zip(before, after, strict=True)]
         self.assertEqual(sum(served), 301, served)
         self.assertTrue(all(count > 1 for count in served), served)
 
@@ -211,7 +222,7 @@ class DrainTests(WorkersTestCase):
     @inlineCallbacks
     def test_sigterm_with_streams_open(self) -> Any:
         """
-        SIGTERM to the master with 20 streams open on both workers: C{/health}
+        SIGTERM to the master with 20 to 40 streams open on both workers: C{/health}
         answers 503, new connections are then refused, every stream completes,
         every record is written once, and the master exits 0.
         """
@@ -222,42 +233,53 @@ class DrainTests(WorkersTestCase):
             f"    transports: [{{type: file, file: {{path: {costs}}}}}]\n"
         )
         proc = yield self.start(path)
-        streams = [
-            self.post(proc, STREAM, x_fake_chunks="20", x_fake_delay_ms="100") for _ in range(20)
-        ]
-        body = yield self.wait_for_streams(proc, 20)
-        holding = [worker["in_flight"] for worker in body["workers"]]
+        directory = _group_directory(proc)
+        self.assertTrue(os.path.exists(os.path.join(directory, "state.sock")))
+        # Open streams until both workers hold some (the first to wake may
+        # take a whole burst), 20 at least, 40 at most.
+        streams: list[Deferred[Any]] = []
+        while len(streams) < 40:
+            streams += [
+                self.post(proc, STREAM, x_fake_chunks="40", x_fake_delay_ms="100")
+                for _ in range(20 if not streams else 5)
+            ]
+            body = yield self.wait_for_streams(proc, len(streams))
+            holding = [worker["active_streams"] for worker in body["workers"]]
+            if all(count > 0 for count in holding):
+                break
         self.assertTrue(all(count > 0 for count in holding), holding)
 
         proc.send_signal(signal.SIGTERM)
         yield deferLater(reactor, 0.3, lambda: None)
         yield self.assertFailure(self.http.get(proc.url + "/health"), ConnectionRefusedError)
         results = yield gatherResults(streams)
+        self.assertEqual(len(results), sum(holding))
         for status, received in results:
             self.assertEqual(status, 200)
             self.assertTrue(received.rstrip().endswith(b"data: [DONE]"), received[-200:])
-            # 20 content events, the usage chunk, [DONE]: none cut.
-            self.assertGreaterEqual(received.count(b"data: "), 22)
+            # 40 content events, the usage chunk, [DONE]: none cut.
+            self.assertGreaterEqual(received.count(b"data: "), 42)
             self.assertEqual(received.count(b"\n\ndata: ") + 1, received.count(b"data: "))
         self.assertEqual(len({received.count(b"data: ") for _, received in results}), 1)
         exit_code = yield proc.wait_exit()
         self.assertEqual(exit_code, 0, proc.output[-2000:])
         records = [orjson.loads(line) for line in Path(costs).read_bytes().splitlines()]
-        self.assertEqual(len(records), 20)
-        self.assertEqual(len({record["request_id"] for record in records}), 20)
+        self.assertEqual(len(records), len(streams))
+        self.assertEqual(len({record["request_id"] for record in records}), len(streams))
         self.assertTrue(all(record["is_streaming"] for record in records))
         for worker in body["workers"]:
             drained = b"worker %d (pid %d) exited with status 0" % (worker["index"], worker["pid"])
             self.assertTrue(drained in proc.output, proc.output[-2000:])
-        self.assertFalse(os.path.exists(_group_directory(proc)))
+        self.assertFalse(os.path.exists(directory))
 
 
 def _group_directory(proc: ProxyProcess) -> str:
     """
-    The master's private directory, from its state socket's log line.
+    The master's private directory, from its log.
     """
-    line = proc.output.split(b"/state.sock")[0].rsplit(b"'", 1)[-1]
-    return line.decode()
+    match = re.search(rb"state socket and metrics are in (\S+)", proc.output)
+    assert match is not None, proc.output[-2000:]
+    return match.group(1).decode()
 
 
 class ReplacementTests(WorkersTestCase):
@@ -277,8 +299,6 @@ class ReplacementTests(WorkersTestCase):
             self.post(proc, STREAM, x_fake_chunks="30", x_fake_delay_ms="100") for _ in range(10)
         ]
         yield self.wait_for_streams(proc, 10)
-        while (yield self.health(proc))[1]["spare_worker"] is None:
-            yield deferLater(reactor, 0.05, lambda: None)
         load = Load(self.http, proc.url, clients=4)
         self.addCleanup(load.stop)
         yield deferLater(reactor, 0.5, lambda: None)
@@ -307,7 +327,9 @@ class ReplacementTests(WorkersTestCase):
         outcomes = yield DeferredList(streams, consumeErrors=True)
         cut = [result for ok, result in outcomes if not ok or result[0] != 200]
         self.assertEqual(len(cut), held_by_victim, cut)
-        self.assertGreaterEqual(len(outcomes) - len(cut), 10 - held_by_victim)
+        for ok, result in outcomes:
+            if ok and result[0] == 200:
+                self.assertTrue(result[1].rstrip().endswith(b"data: [DONE]"), result[1][-200:])
         refused = [failure for failure in load.failures if "ConnectionRefused" in failure]
         self.assertEqual(refused, [])
         self.assertLessEqual(len(load.failures), 4, load.failures)
@@ -434,8 +456,6 @@ class UnixListenerTests(WorkersTestCase):
         proc = yield self.start(self.config(), listen=("tcp:0:interface=127.0.0.1", f"unix:{path}"))
         status, _ = yield self.unix_post(path)
         self.assertEqual(status, 200)
-        while (yield self.health(proc))[1]["spare_worker"] is None:
-            yield deferLater(reactor, 0.05, lambda: None)
         _, body = yield self.health(proc)
         leaving = body["workers"][0]
         os.kill(leaving["pid"], signal.SIGTERM)
@@ -524,8 +544,6 @@ class MasterGoneTests(WorkersTestCase):
         exit; no process of the group is left behind.
         """
         proc = yield self.start(self.config())
-        while (yield self.health(proc))[1]["spare_worker"] is None:
-            yield deferLater(reactor, 0.05, lambda: None)
         _, body = yield self.health(proc)
         pids = [worker["pid"] for worker in body["workers"]] + [body["spare_worker"]["pid"]]
         stream = self.post(proc, STREAM, x_fake_chunks="10", x_fake_delay_ms="100")
