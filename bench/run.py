@@ -8,7 +8,9 @@ Parts (C{--only a,b,...}; see C{bench/README.md}):
     event, total time, inter-chunk gaps, share of streams delivered incrementally;
   - c: 1,000 concurrent slow streams: how many complete, the proxy's peak RSS;
   - d: a 5 MB request body round trip;
-  - e: (a) at concurrency 16 with rate limiting (memory, Redis) and cost tracking.
+  - e: (a) at concurrency 16 with rate limiting (memory, Redis) and cost tracking;
+  - w: one worker against two (C{--workers 2}): requests/s, CPU per request,
+    each worker's share (L{bench.workers}).
 
 Nothing is installed: a missing wrk, nginx or redis-server is reported with
 the command that installs it, and the parts that need it are skipped or fall
@@ -64,11 +66,12 @@ from bench.stats import (
     ratio,
     rows_table,
 )
+from bench.workers import part_w, workers_section
 from llmproxy.testing.redis_server import REDIS_SERVER, redis_server_command
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-PARTS = ("a", "b", "c", "d", "e")
+PARTS = ("a", "b", "c", "d", "e", "w")
 INSTALL_HINT = "apt-get install -y wrk nginx redis-server"
 
 
@@ -239,15 +242,23 @@ class Harness:
 
     # ------------------------------------------------------------------- proxies
 
-    def start_proxies(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> None:
+    def start_proxies(
+        self,
+        wanted: Sequence[tuple[str, Sequence[str]]],
+        extra_args: Sequence[str] = (),
+        cpus: str | None = None,
+    ) -> None:
         """
         Start one proxy per (name, config overlays), all at once, then wait
         for each one's /health and check that it forwards.
+
+        @param extra_args: more C{llmproxy} options for each of them.
+        @param cpus: pin them to these CPUs instead of the proxy's.
         """
         started: list[Proxy] = []
         for name, overlays in wanted:
             port = free_port()
-            argv = self.proxy_argv(port, overlays)
+            argv = [*self.proxy_argv(port, overlays), *extra_args]
             if name == "base" and self.profile is not None:
                 # twistd's own profiler options; the stats are written when it stops.
                 argv[1:1] = [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
@@ -270,7 +281,7 @@ class Harness:
                 OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=f"http://127.0.0.1:{self.stream_port}/echo",
             )
             process = self.procs.start(
-                f"proxy-{name}", self.pin.wrap(self.pin.proxy, argv), env=env, cwd=REPO
+                f"proxy-{name}", self.pin.wrap(cpus or self.pin.proxy, argv), env=env, cwd=REPO
             )
             started.append(Proxy(name, port, process))
         for proxy in started:
@@ -1010,6 +1021,7 @@ def render(
     elapsed: float,
     parts: Sequence[str],
     header: list[str],
+    workers: list[str] | None = None,
 ) -> str:
     s = h.settings
     kind = "quick smoke run" if s.quick else "full run"
@@ -1048,6 +1060,8 @@ def render(
     if features is not None:
         lines += ["Part (e), the price of each feature:", ""]
         lines += [*features_table(*features), ""]
+    if workers:
+        lines += workers
     if budget:
         lines += ["Budget (issue 9), from this run's medians:", ""]
         lines += [*budget_table(budget), ""]
@@ -1069,7 +1083,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run (about 90 s)")
     parser.add_argument(
-        "--only", default=",".join(PARTS), help="comma-separated parts to run (default a,b,c,d,e)"
+        "--only",
+        default=",".join(PARTS),
+        help="comma-separated parts to run (default a,b,c,d,e,w)",
     )
     parser.add_argument(
         "--log-level",
@@ -1099,11 +1115,11 @@ def main(argv: Sequence[str]) -> int:
     settings = Settings.make(arguments.quick, arguments.log_level)
     if arguments.reps is not None:
         settings.reps = max(1, arguments.reps)
-    if shutil.which("wrk") is None and ({"a", "e"} & set(parts)):
+    if shutil.which("wrk") is None and ({"a", "e", "w"} & set(parts)):
         sys.stderr.write(
-            f"wrk is not installed: parts (a) and (e) are skipped. Install: {INSTALL_HINT}\n"
+            f"wrk is not installed: parts (a), (e) and (w) are skipped. Install: {INSTALL_HINT}\n"
         )
-        parts = [part for part in parts if part not in ("a", "e")]
+        parts = [part for part in parts if part not in ("a", "e", "w")]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
@@ -1119,7 +1135,9 @@ def main(argv: Sequence[str]) -> int:
     if h.pin.load is not None:
         os.sched_setaffinity(0, {int(h.pin.load)})
     if shutil.which("wrk") is None:
-        h.notes.append(f"wrk is not installed: parts (a) and (e) skipped. Install: {INSTALL_HINT}")
+        h.notes.append(
+            f"wrk is not installed: parts (a), (e) and (w) skipped. Install: {INSTALL_HINT}"
+        )
     if arguments.profile:
         h.profile = tmp / "proxy-base.pstats"
         h.notes.append(
@@ -1131,6 +1149,7 @@ def main(argv: Sequence[str]) -> int:
     rows: list[Row] = []
     found: dict[str, Row] = {}
     features: tuple[list[float], list[FeatureRow]] | None = None
+    workers: list[str] = []
     status = 0
     try:
         _say(f"bench: {', '.join(parts)} ({'quick' if settings.quick else 'full'}); tmp {tmp}")
@@ -1148,6 +1167,9 @@ def main(argv: Sequence[str]) -> int:
         if "e" in parts:
             _say("bench: part (e) ...")
             features = part_e(h)
+        if "w" in parts:
+            _say("bench: part (w) ...")
+            workers = workers_section(h, part_w(h))
     except KeyboardInterrupt:
         sys.stderr.write("bench: interrupted; stopping every process it started\n")
         status = 130
@@ -1167,9 +1189,9 @@ def main(argv: Sequence[str]) -> int:
     broken = h.failed
     budget = budgets(found, features[1] if features else []) if set(parts) == set(PARTS) else []
     elapsed = time.monotonic() - clock
-    report = render(h, rows, features, budget, revision, started, elapsed, parts, header)
+    report = render(h, rows, features, budget, revision, started, elapsed, parts, header, workers)
     sys.stdout.write(report + "\n")
-    if not arguments.no_save and (rows or features):
+    if not arguments.no_save and (rows or features or workers):
         results = BENCH / "results"
         results.mkdir(exist_ok=True)
         suffix = "-quick" if settings.quick else ("" if set(parts) == set(PARTS) else "-partial")

@@ -11,9 +11,11 @@ request, an upstream error body) still never reaches the output.
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Iterable
-from typing import IO, Any
+import select
+from collections.abc import Callable, Iterable
+from typing import IO, Any, Protocol
 
 import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -143,6 +145,47 @@ def redact(text: str, secrets: SecretHolder | None = None) -> str:
     return text
 
 
+class TextSink(Protocol):
+    """
+    Where L{LineBuffer} writes: a text stream, or L{WholeLines}.
+    """
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+class WholeLines:
+    """
+    Writes text to a file descriptor shared with other processes (the
+    workers of a group share the master's stdout) so that their lines do
+    not interleave: each C{write()} ends at a line end and holds at most
+    C{PIPE_BUF} bytes, which a pipe writes in one piece (and a stream
+    socket, such as the journal's, takes whole at that size in practice).
+    A single line longer than that may still be split.
+    """
+
+    def __init__(self, fd: int, write: Callable[[int, memoryview], int] = os.write) -> None:
+        self._fd = fd
+        self._write = write
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8", "replace"))
+        limit = select.PIPE_BUF
+        while data:
+            size = len(data)
+            if size > limit:
+                cut = bytes(data[:limit]).rfind(b"\n")
+                size = cut + 1 if cut >= 0 else limit
+            chunk = data[:size]
+            while chunk:
+                chunk = chunk[self._write(self._fd, chunk) :]
+            data = data[size:]
+
+    def flush(self) -> None:
+        pass
+
+
 FLUSH_SECONDS = 0.1
 """How long a buffered log line may wait before it is written."""
 
@@ -161,7 +204,7 @@ class LineBuffer:
     into one. Without a clock (tools, tests) every line is written at once.
     """
 
-    def __init__(self, stream: IO[str], clock: IReactorTime | None = None) -> None:
+    def __init__(self, stream: TextSink, clock: IReactorTime | None = None) -> None:
         self._stream = stream
         self._clock = clock
         self._lines: list[str] = []
@@ -316,3 +359,20 @@ def make_observer(
     observer = JSONObserver if fmt == "json" else TextObserver
     inner: ILogObserver = observer(stream, secrets)
     return FilteringLogObserver(inner, [level.predicate])
+
+
+def process_log(
+    fmt: str, level: str, stream: TextSink, reactor: Any, secrets: SecretHolder | None = None
+) -> tuple[LevelHolder, ILogObserver]:
+    """
+    The log of a process that runs C{reactor}: lines batched on its clock
+    (see L{LineBuffer}) and flushed once more after it has shut down, so the
+    last lines (the drain, "stopped") are written.
+
+    @param secrets: the credentials the configuration holds, redacted too.
+    @return: the level holder (a reload sets it) and the observer.
+    """
+    holder = LevelHolder(level)
+    lines = LineBuffer(stream, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
+    return holder, make_observer(fmt, holder, lines, secrets)

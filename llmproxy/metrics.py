@@ -12,10 +12,24 @@ Label values are bounded so a scrape stays small whatever clients send:
 model names come from responses and are capped per provider, key ids (short
 one-way hashes, or the ids of proxy keys) are capped in number, rate-limit
 scopes are reported by kind (C{key}, never the key id).
+
+Workers
+=======
+
+In a group of workers (C{server.workers} above 1) every worker counts in
+prometheus_client's multiprocess mode: its values live in files of the
+group's metrics directory, and C{/metrics}, whichever worker answers, adds
+up the files of every worker (L{Metrics.for_group}). Counters and
+histograms are summed, and a worker that died still counts, so a counter
+never goes back when a worker is replaced. Each gauge names how workers
+combine (C{multiprocess_mode}): a gauge added here must too, or it is
+exported once per worker with a C{pid} label. The process, platform and
+GC collectors describe one process, so a group does not export them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -27,8 +41,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -97,12 +113,23 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         max_models_per_provider: int = MAX_MODELS_PER_PROVIDER,
         max_keys: int = MAX_KEYS,
+        *,
+        group_directory: str | None = None,
     ) -> None:
-        if registry is None:
-            registry = CollectorRegistry(auto_describe=True)
+        series: CollectorRegistry | None
+        if group_directory is not None:
+            # The series are not registered anywhere: what they count goes
+            # to files, and the registry exposes every worker's files.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=group_directory)
+            series = None
+        elif registry is None:
+            registry = series = CollectorRegistry(auto_describe=True)
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
+        else:
+            series = registry
         self.registry = registry
         self._max_models = max_models_per_provider
         self._models: dict[str, set[str]] = {}
@@ -114,137 +141,165 @@ class Metrics:
             "llmproxy_requests",
             "Forwarded requests, by the status sent to the client.",
             ["provider", "model", "status"],
-            registry=registry,
+            registry=series,
         )
         self.request_duration = Histogram(
             "llmproxy_request_duration_seconds",
             "Time from a request's arrival to the end of its response.",
             ["provider"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=series,
         )
         self.time_to_first_byte = Histogram(
             "llmproxy_time_to_first_byte_seconds",
             "Time from a request's arrival to the upstream's first body byte.",
             ["provider"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=series,
         )
         self.tokens = Counter(
             "llmproxy_tokens",
             "Tokens reported by upstreams; cache_read and cache_write are parts of input, "
             "reasoning is part of output.",
             ["provider", "model", "type"],
-            registry=registry,
+            registry=series,
         )
         self.key_tokens = Counter(
             "llmproxy_key_tokens",
             "Tokens by client key id: input, and its cache_read and cache_write parts (the "
             "prompt-cache hit ratio is cache_read / input), and output.",
             ["key", "type"],
-            registry=registry,
+            registry=series,
         )
         self.cost = Counter(
             "llmproxy_cost_usd",
             "Cost of priced requests, in USD.",
             ["provider", "model"],
-            registry=registry,
+            registry=series,
         )
         self.unpriced = Counter(
             "llmproxy_unpriced_requests",
             "Requests that reported usage for a model without a price.",
             ["provider", "model"],
-            registry=registry,
+            registry=series,
         )
         self.rate_limited_requests = Counter(
             "llmproxy_rate_limited",
             "Requests denied by the rate limiter, by the first exhausted scope kind.",
             ["scope", "metric", "window"],
-            registry=registry,
+            registry=series,
         )
         self.active_streams = Gauge(
             "llmproxy_active_streams",
             "Streaming responses being relayed right now.",
             ["provider"],
-            registry=registry,
+            registry=series,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "llmproxy_upstream_errors",
             "Upstream failures: connect, tls, timeout, first_byte_timeout, idle_timeout, "
             "broken_stream, status_5xx, ...",
             ["provider", "kind"],
-            registry=registry,
+            registry=series,
         )
         self.cost_records_dropped = Counter(
             "llmproxy_cost_records_dropped",
             "Cost records lost: the sink's queue was full, or a final write failed.",
-            registry=registry,
+            registry=series,
         )
         self.unmetered_responses = Counter(
             "llmproxy_unmetered_responses",
             "Responses whose usage could not be read (e.g. an unknown Content-Encoding).",
             ["provider", "reason"],
-            registry=registry,
+            registry=series,
         )
         self.upstream_attempts = Counter(
             "llmproxy_upstream_attempts",
             "Upstream tries, by upstream and outcome (success, connect, status_503, "
             "stream_error, client_gone, ...).",
             ["provider", "upstream", "outcome"],
-            registry=registry,
+            registry=series,
         )
         self.retries = Counter(
             "llmproxy_retries",
             "Upstream tries made after a failed one, by the reason the previous failed.",
             ["provider", "reason"],
-            registry=registry,
+            registry=series,
         )
         self.fallbacks = Counter(
             "llmproxy_fallbacks",
             "Requests that moved on to a fallback provider.",
             ["from_provider", "to_provider"],
-            registry=registry,
+            registry=series,
         )
         self.circuit_states = Gauge(
             "llmproxy_circuit_state",
             "Circuit breaker state per upstream and model: 0 closed, 1 open, 2 half-open "
             "(model empty: the upstream's own circuit, for connection failures).",
             ["provider", "upstream", "model"],
-            registry=registry,
+            registry=series,
+            # Each worker has its own circuits: the group reports the
+            # least closed of its live workers' (0 only when all are closed).
+            multiprocess_mode="livemax",
         )
         self.ratelimit_backend_errors = Counter(
             "llmproxy_ratelimit_backend_errors",
             "Rate-limit and budget backend calls that failed or timed out (fail_mode decided).",
             ["backend"],
-            registry=registry,
+            registry=series,
         )
         self.budget_spent_usd = Gauge(
             "llmproxy_budget_spent_usd",
             "What each proxy key spent in the current period (day, month), in USD.",
             ["key", "period"],
-            registry=registry,
+            registry=series,
+            # Every worker sees the same shared spend; the group reports the
+            # highest any live worker last saw.
+            multiprocess_mode="livemax",
         )
         self.budget_limit_usd = Gauge(
             "llmproxy_budget_limit_usd",
             "Each proxy key's budget per period (day, month), in USD.",
             ["key", "period"],
-            registry=registry,
+            registry=series,
+            multiprocess_mode="livemax",
         )
         self.budget_denied_total = Counter(
             "llmproxy_budget_denied",
             "Requests refused (402) for lack of budget, by proxy key (none: a user's budget "
             "refused a request without one).",
             ["key"],
-            registry=registry,
+            registry=series,
         )
         self.auth_failures = Counter(
             "llmproxy_auth_failures",
             "Requests refused for their key: missing_key, unknown_key, expired_key "
             "(401); provider_not_allowed, model_not_allowed, unpriced_model (403).",
             ["reason"],
-            registry=registry,
+            registry=series,
         )
         self._budget_limits: set[tuple[str, str]] = set()
+
+    @classmethod
+    def for_group(cls, directory: str) -> Metrics:
+        """
+        A worker's metrics: counted in C{directory}, the group's metrics
+        directory, and exposed for every worker that counts there.
+
+        @raise RuntimeError: if prometheus_client was imported without
+            C{PROMETHEUS_MULTIPROC_DIR} set to C{directory}: it chooses how
+            values are stored when it is first imported, so the master sets
+            the variable for its workers before they start.
+        """
+        if (
+            not getattr(values.ValueClass, "_multiprocess", False)
+            or os.environ.get("PROMETHEUS_MULTIPROC_DIR") != directory
+        ):
+            raise RuntimeError(
+                f"PROMETHEUS_MULTIPROC_DIR must be {directory} before prometheus_client is imported"
+            )
+        return cls(group_directory=directory)
 
     def model_label(self, provider: str, model: str | None) -> str:
         """

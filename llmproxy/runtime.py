@@ -23,6 +23,7 @@ from llmproxy.budgets import AlertSender, BudgetBook, ISpendStore
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.circuits import CircuitBoard, State
 from llmproxy.config import Config
+from llmproxy.group.view import GroupView
 from llmproxy.health import HealthBoard
 from llmproxy.metrics import Metrics
 from llmproxy.pricing import PriceBook, UnpricedWarnings
@@ -116,6 +117,9 @@ class ProxyState:
     @ivar inflight: requests received and not yet finished.
     @ivar status: the status page's aggregates.
     @ivar tracer: where request traces go (nowhere unless tracing is on).
+    @ivar received: requests received since the start.
+    @ivar group: in a worker of a group, its view of the whole group (what
+        C{/health} reports); C{None} in a process of its own.
     """
 
     clock: IReactorTime
@@ -135,6 +139,8 @@ class ProxyState:
         default=Factory(lambda self: StatusBoard(self.clock), takes_self=True)
     )
     tracer: ITracer = NO_TRACER
+    received: int = 0
+    group: GroupView | None = None
     _idle_waiters: list[Deferred[None]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
@@ -174,6 +180,7 @@ class ProxyState:
 
     def request_started(self) -> None:
         self.inflight += 1
+        self.received += 1
 
     def request_finished(self) -> None:
         self.inflight -= 1

@@ -26,7 +26,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -59,6 +59,8 @@ class ProxyService(MultiService):
     @ivar ports: the listening ports, once bound.
     @ivar notifier: the line to systemd; by default read from the process
         environment (a no-op outside systemd).
+    @ivar log_observer: the observer twistd installs (see
+        L{setServiceParent}); a group's worker installs it itself.
     """
 
     def __init__(
@@ -72,15 +74,17 @@ class ProxyService(MultiService):
         log_observer: ILogObserver | None = None,
         notifier: Notifier | None = None,
         monotonic: Callable[[], int] = monotonic_usec,
+        endpoint_for: Callable[[str], IStreamServerEndpoint] | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
         self._descriptions = list(descriptions)
+        self._endpoint_for = endpoint_for or (lambda d: serverFromString(reactor, d))
         self._site = site
         self._state = state
         self._pool = pool
         self._reloader = reloader
-        self._log_observer = log_observer
+        self.log_observer = log_observer
         self.ports: list[IListeningPort] = []
         self._previous_sighup: Any = None
         self.notifier = (
@@ -92,6 +96,13 @@ class ProxyService(MultiService):
         if watchdog is not None:
             watchdog.setServiceParent(self)
 
+    @property
+    def state(self) -> ProxyState:
+        """
+        The process's L{ProxyState}.
+        """
+        return self._state
+
     def setServiceParent(self, parent: IServiceCollection) -> None:
         """
         When twistd makes us the child of its application, give the
@@ -99,26 +110,13 @@ class ProxyService(MultiService):
         there instead of its own, so C{logging.format} decides what is printed.
         """
         super().setServiceParent(parent)
-        set_component = getattr(parent, "setComponent", None)
-        if self._log_observer is not None and set_component is not None:
-            set_component(ILogObserver, self._log_observer)
+        offer_log_observer(parent, self.log_observer)
 
     def privilegedStartService(self) -> None:
         """
-        Bind every listener now, before the reactor runs: a port that cannot
-        be bound ends the process with a clear message and a non-zero exit,
-        instead of a daemon that serves nothing.
+        Bind every listener now, before the reactor runs (see L{listen_all}).
         """
-        for description in self._descriptions:
-            failures: list[Failure] = []
-            endpoint = serverFromString(self._reactor, description)
-            listening = endpoint.listen(self._site)
-            listening.addCallbacks(self.ports.append, failures.append)
-            if failures:
-                sys.stderr.write(
-                    f"llmproxy: cannot listen on {description}: {failures[0].getErrorMessage()}\n"
-                )
-                raise SystemExit(1)
+        self.ports = listen_all(self._descriptions, self._endpoint_for, self._site)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -257,6 +255,40 @@ class ProxyService(MultiService):
         ):
             yield deferLater(self._reactor, step, lambda: None)
             waited += step
+
+
+def offer_log_observer(parent: IServiceCollection, observer: ILogObserver | None) -> None:
+    """
+    Give twistd's application C{observer}: twistd installs the observer it
+    finds there instead of its own, so C{logging.format} decides what is
+    printed.
+    """
+    set_component = getattr(parent, "setComponent", None)
+    if observer is not None and set_component is not None:
+        set_component(ILogObserver, observer)
+
+
+def listen_all(
+    descriptions: Sequence[str],
+    endpoint_for: Callable[[str], IStreamServerEndpoint],
+    factory: IProtocolFactory,
+) -> list[IListeningPort]:
+    """
+    Listen on every description, before the reactor runs: a port that
+    cannot be bound ends the process with a clear message and a non-zero
+    exit, instead of a daemon that serves nothing.
+    """
+    ports: list[IListeningPort] = []
+    for description in descriptions:
+        failures: list[Failure] = []
+        listening = endpoint_for(description).listen(factory)
+        listening.addCallbacks(ports.append, failures.append)
+        if failures:
+            sys.stderr.write(
+                f"llmproxy: cannot listen on {description}: {failures[0].getErrorMessage()}\n"
+            )
+            raise SystemExit(1)
+    return ports
 
 
 def describe_listen(config: Config, requested: Sequence[str], port_env: str | None) -> list[str]:

@@ -12,9 +12,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from attrs import frozen
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -29,10 +31,17 @@ from llmproxy.budgets import (
     spend_store_for,
 )
 from llmproxy.config import Config, ConfigError, load_config
+from llmproxy.config.validate import MAX_WORKERS
 from llmproxy.health import HealthBoard
-from llmproxy.logs import LevelHolder, LineBuffer, SecretHolder, configured_secrets, make_observer
+from llmproxy.logs import SecretHolder, TextSink, configured_secrets, process_log
 from llmproxy.metrics import Metrics
-from llmproxy.ratelimit import IRateLimiter, limiter_for, rate_limits_for, reconfigure_limiter
+from llmproxy.ratelimit import (
+    IRateLimiter,
+    MemoryBackend,
+    limiter_for,
+    rate_limits_for,
+    reconfigure_limiter,
+)
 from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.shared_circuits import SharedCircuits
@@ -50,7 +59,7 @@ class Options(usage.Options):
     C{twistd llmproxy} options.
     """
 
-    synopsis = "[--config PATH]... [--listen DESCRIPTION]..."
+    synopsis = "[--config PATH]... [--listen DESCRIPTION]... [--workers N]"
     longdesc = (
         "Reverse proxy for LLM provider APIs. Later --config files deep-merge over "
         "earlier ones; without any, built-in defaults serve the three providers."
@@ -60,6 +69,7 @@ class Options(usage.Options):
         super().__init__()
         self["config"] = []
         self["listen"] = []
+        self["workers"] = None
 
     def opt_config(self, path: str) -> None:
         """
@@ -75,6 +85,21 @@ class Options(usage.Options):
         systemd:domain=INET:index=0 (repeatable).
         """
         self["listen"].append(description)
+
+    def opt_workers(self, count: str) -> None:
+        """
+        How many processes accept on the listeners (overrides server.workers;
+        above 1, a master process supervises them).
+        """
+        try:
+            workers = int(count)
+        except ValueError:
+            workers = 0
+        if not 1 <= workers <= MAX_WORKERS:
+            raise usage.UsageError(
+                f"--workers: expected an integer from 1 to {MAX_WORKERS}, got {count!r}"
+            )
+        self["workers"] = workers
 
     def postOptions(self) -> None:
         """
@@ -94,6 +119,8 @@ class Options(usage.Options):
                 sys.stderr.write(f"llmproxy: bad --listen {description!r}: {problem}\n")
                 raise SystemExit(1)
         self["listen"] = listen
+        if self["workers"] is None:
+            self["workers"] = settings.server.workers
 
 
 def _check_description(description: str) -> str | None:
@@ -113,32 +140,68 @@ def _check_description(description: str) -> str | None:
 def makeService(options: Mapping[str, Any]) -> IService:
     from twisted.internet import reactor
 
+    if options.get("workers", 1) > 1:
+        from llmproxy.group.master import build_master
+
+        return build_master(
+            reactor, options["settings"], options["config"], options["listen"], options["workers"]
+        )
     # Large bodies reuse heap memory instead of faulting in fresh mappings.
     tune_allocator()
     service = build_service(reactor, options["settings"], options["config"], options["listen"])
-    # Everything built so far lives as long as the process: keep the
-    # collector from walking it again on every full collection.
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
     return service
 
 
+def freeze_heap() -> None:
+    """
+    Everything built so far lives as long as the process: keep the
+    collector from walking it again on every full collection.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+@frozen
+class ProcessRole:
+    """
+    How a serving process fits in: alone (the defaults), or as one worker of
+    a group (L{llmproxy.group.worker}).
+
+    @ivar endpoint_for: the endpoint of each listen description; by default
+        the description parsed (a worker adopts the master's sockets).
+    @ivar memory_limiter: builds the C{memory} rate-limit backend; by default
+        counters in this process (a worker asks the master's).
+    @ivar metrics: builds the metrics; a worker counts in the group's files.
+    @ivar log_stream: where log lines go; stdout by default.
+    """
+
+    endpoint_for: Callable[[str], IStreamServerEndpoint] | None = None
+    memory_limiter: MemoryBackend | None = None
+    metrics: Callable[[], Metrics] = Metrics
+    log_stream: TextSink | None = None
+
+
 def build_service(
-    reactor: Any, config: Config, config_paths: Sequence[str], listen: Sequence[str]
+    reactor: Any,
+    config: Config,
+    config_paths: Sequence[str],
+    listen: Sequence[str],
+    role: ProcessRole = ProcessRole(),
 ) -> ProxyService:
     """
     Wire the process together: state, runtime, site, children, reload.
     """
-    level = LevelHolder(config.logging.level)
+    logging = config.logging
     secrets = SecretHolder(configured_secrets(config))
-    lines = LineBuffer(sys.stdout, reactor)
-    observer = make_observer(config.logging.format, level, lines, secrets)
-    # The last lines (the drain, "stopped") are written once the reactor is done.
-    reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
-    metrics = Metrics()
+    level, observer = process_log(
+        logging.format, logging.level, role.log_stream or sys.stdout, reactor, secrets
+    )
+    metrics = role.metrics()
     pool = make_pool(reactor)
     agent_for = pooled_agents(reactor, pool)
-    limiter = limiter_for(rate_limits_for(config), reactor, metrics)
+    memory = role.memory_limiter
+    limiter = limiter_for(rate_limits_for(config), reactor, metrics, memory)
 
     def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -174,7 +237,9 @@ def build_service(
             current: IRateLimiter | None = state.runtime.limiter
             old_limits = rate_limits_for(state.runtime.config)
             new_limits = rate_limits_for(new)
-            new_limiter = reconfigure_limiter(current, old_limits, new_limits, reactor, metrics)
+            new_limiter = reconfigure_limiter(
+                current, old_limits, new_limits, reactor, metrics, memory
+            )
             if (
                 new_limiter is not current
                 or new_limits.sweep_interval_seconds != old_limits.sweep_interval_seconds
@@ -200,7 +265,9 @@ def build_service(
 
         return loading.addCallback(rebuild)
 
-    service = ProxyService(reactor, listen, site, state, pool, reload, observer)
+    service = ProxyService(
+        reactor, listen, site, state, pool, reload, observer, endpoint_for=role.endpoint_for
+    )
     if sink_service is not None:
         sink_service.setServiceParent(service)
     limits = config.features.rate_limiting

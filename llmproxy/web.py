@@ -13,12 +13,15 @@ from typing import Any
 
 import orjson
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy.cors import preflight_headers
+from llmproxy.group.health import group_health
+from llmproxy.healthreport import health_report
 from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.metrics import metrics_resource
 from llmproxy.provider_resource import ProviderResource
@@ -39,51 +42,13 @@ class Gateway:
         self._state = state
 
     @app.route("/health", strict_slashes=False)
-    def health(self, request: IRequest) -> bytes:
+    def health(self, request: IRequest) -> bytes | Deferred[bytes]:
         if request.method not in (b"GET", b"HEAD"):
             return self._not_allowed(request)
         state = self._state
-        runtime = state.runtime
-        now = state.clock.seconds()
-        providers = {}
-        circuits = state.circuits
-        for name, upstream in runtime.upstreams.items():
-            counters = state.health.provider(name)
-            upstreams = {}
-            for endpoint in upstream.config.upstreams:
-                status, open_models = circuits.describe(name, endpoint.name)
-                upstreams[endpoint.name] = {
-                    "status": status,
-                    "open_models": open_models,
-                    "in_flight": circuits.in_flight(name, endpoint.name),
-                }
-            available = any(entry["status"] == "healthy" for entry in upstreams.values())
-            providers[name] = {
-                "status": state.health.status(name) if available else "degraded",
-                "base_url": upstream.config.base_url,
-                "streaming_support": True,
-                "requests": counters.requests,
-                "errors": counters.errors,
-                "active_streams": counters.active_streams,
-                "upstreams": upstreams,
-            }
-        features = runtime.config.features
-        body = {
-            "status": "draining" if state.draining else "healthy",
-            "version": state.build.version,
-            "uptime_seconds": round(now - state.started_at, 3),
-            "build": state.build.as_dict(),
-            "providers": providers,
-            "features": {
-                "rate_limiting": features.rate_limiting.enabled,
-                "cost_tracking": features.cost_tracking.enabled,
-                "metrics": features.metrics.enabled,
-            },
-        }
-        request.setResponseCode(503 if state.draining else 200)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return orjson.dumps(body)
+        if state.group is not None:
+            return group_health(state.group, state).addCallback(_health_answer, request)
+        return _health_answer(health_report(state), request)
 
     @app.route("/metrics", strict_slashes=False)
     def metrics(self, request: IRequest) -> IResource | bytes:
@@ -143,6 +108,13 @@ class Gateway:
         request.setHeader(ERROR_SOURCE_HEADER, b"proxy")
         path = (request.path or b"").decode("latin-1")
         return error_body(None, 404, f"No route for {path}.")
+
+
+def _health_answer(body: dict[str, Any], request: IRequest) -> bytes:
+    request.setResponseCode(503 if body["status"] == "draining" else 200)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return orjson.dumps(body)
 
 
 class GatewayRoot(Resource):

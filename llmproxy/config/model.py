@@ -228,9 +228,12 @@ class ServerConfig:
     """
     @ivar listen: endpoint descriptions; empty means "not configured", so the
         plugin falls back to C{tcp:$PORT} and then C{tcp:9002}.
+    @ivar workers: how many processes accept on the listeners; above 1, a
+        master process supervises them (see L{llmproxy.group}).
     """
 
     listen: tuple[str, ...] = ()
+    workers: int = 1
     max_body_bytes: int = 33554432
     drain_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 0.0

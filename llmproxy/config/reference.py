@@ -36,6 +36,12 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         "Endpoint descriptions (`tcp:9002:interface=127.0.0.1`, `ssl:...`, `unix:...`, "
         "`systemd:domain=INET:index=0`); empty: `--listen`, else `tcp:$PORT`, else `tcp:9002`",
     ),
+    (
+        "server.workers",
+        None,
+        "Processes accepting on the listeners; above 1 a master supervises them "
+        "(`--workers` overrides)",
+    ),
     ("server.max_body_bytes", None, "Largest request body accepted; a larger one gets 413"),
     (
         "server.drain_timeout_seconds",

@@ -130,8 +130,21 @@ _STATUS_KEYS: Mapping[str, Parser] = {
     "token": _status_token,
 }
 
+
+MAX_WORKERS = 256
+"""More worker processes than this is a typo, not a machine."""
+
+
+def _workers(ck: Checker, path: KeyPath, value: object) -> int | Invalid:
+    workers: int | Invalid = positive_count(ck, path, value)
+    if isinstance(workers, int) and workers > MAX_WORKERS:
+        return ck.fail(path, f"expected an integer from 1 to {MAX_WORKERS}", value)
+    return workers
+
+
 _SERVER_KEYS: Mapping[str, Parser] = {
     "listen": _listen,
+    "workers": _workers,
     "max_body_bytes": positive_count,
     "drain_timeout_seconds": amount,
     "shutdown_grace_seconds": amount,

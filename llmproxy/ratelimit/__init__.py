@@ -29,6 +29,7 @@ from llmproxy.ratelimit.policy import (
     Reservation,
 )
 from llmproxy.ratelimit.redis_backend import RedisRateLimiter
+from llmproxy.ratelimit.remote import RemoteRateLimiter
 
 __all__ = [
     "BackendUnavailable",
@@ -36,8 +37,10 @@ __all__ = [
     "Denial",
     "IRateLimiter",
     "LimitRequest",
+    "MemoryBackend",
     "MemoryRateLimiter",
     "RedisRateLimiter",
+    "RemoteRateLimiter",
     "Reservation",
     "estimate_tokens",
     "limiter_for",
@@ -86,8 +89,19 @@ def rate_limits_for(config: Config) -> RateLimitConfig:
     return evolve(rates, enabled=True, limits=Limits(), overrides=RateLimitOverrides(per_key=own))
 
 
+MemoryBackend = Callable[[RateLimitConfig], IRateLimiter]
+"""
+Builds the limiter of the C{memory} backend: by default a
+L{MemoryRateLimiter} in this process; in a worker of a group, the master's
+counters seen through L{llmproxy.ratelimit.remote}.
+"""
+
+
 def limiter_for(
-    config: RateLimitConfig, reactor: IReactorTime, metrics: MetricsHook = None
+    config: RateLimitConfig,
+    reactor: IReactorTime,
+    metrics: MetricsHook = None,
+    memory: MemoryBackend | None = None,
 ) -> IRateLimiter | None:
     """
     The limiter C{config} asks for, or C{None} when rate limiting is off.
@@ -97,11 +111,15 @@ def limiter_for(
     @param metrics: for a Redis limiter, told about each backend error the
         caller does not see (see L{RedisRateLimiter}): a callable, or an
         object with C{ratelimit_backend_error(backend)}.
+    @param memory: builds the C{memory} backend's limiter (see
+        L{MemoryBackend}).
     """
     if not config.enabled:
         return None
     if config.backend == "redis":
         return RedisRateLimiter(config, reactor, reactor, _hook(metrics))
+    if memory is not None:
+        return memory(config)
     return MemoryRateLimiter(config, reactor)
 
 
@@ -130,6 +148,7 @@ def reconfigure_limiter(
     new: RateLimitConfig,
     reactor: IReactorTime,
     metrics: MetricsHook = None,
+    memory: MemoryBackend | None = None,
 ) -> IRateLimiter | None:
     """
     The limiter to use after a configuration reload.
@@ -147,7 +166,11 @@ def reconfigure_limiter(
         and old.backend == new.backend
         and (new.backend == "memory" or old.redis.url == new.redis.url)
     )
-    if same and current is not None and isinstance(current, MemoryRateLimiter | RedisRateLimiter):
+    if (
+        same
+        and current is not None
+        and isinstance(current, MemoryRateLimiter | RedisRateLimiter | RemoteRateLimiter)
+    ):
         current.reconfigure(new)
         return current
-    return limiter_for(new, reactor, metrics)
+    return limiter_for(new, reactor, metrics, memory)

@@ -77,6 +77,22 @@ class SectionTests(FilesMixin):
         config = self.load("server: {listen: ['tcp:1', 'unix:/tmp/s']}\n")
         self.assertEqual(config.server.listen, ("tcp:1", "unix:/tmp/s"))
 
+    def test_workers(self) -> None:
+        """
+        C{server.workers} is a whole number of processes from 1 to 256.
+        """
+        for bad, expected in (
+            ("0", "expected an integer > 0, got 0"),
+            ("-2", "expected an integer > 0, got -2"),
+            ("1.5", "expected an integer > 0, got 1.5"),
+            ("'two'", "expected an integer > 0, got 'two'"),
+            ("true", "expected an integer > 0, got True"),
+            ("257", "expected an integer from 1 to 256, got 257"),
+        ):
+            self.assertOneError(f"server: {{workers: {bad}}}\n", "server.workers", expected)
+        self.assertEqual(self.load("server: {workers: 4}\n").server.workers, 4)
+        self.assertEqual(self.load("logging: {level: info}\n").server.workers, 1)
+
     def test_transports(self) -> None:
         self.assertOneError(
             "features: {cost_tracking: {transports: [{type: s3}]}}\n",

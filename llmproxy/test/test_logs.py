@@ -5,6 +5,8 @@ Tests for L{llmproxy.logs}: no credential reaches the output, whatever the route
 from __future__ import annotations
 
 import io
+import select
+from typing import Any
 
 import orjson
 from twisted.internet.task import Clock
@@ -21,6 +23,7 @@ from llmproxy.logs import (
     LineBuffer,
     SecretHolder,
     TextObserver,
+    WholeLines,
     configured_secrets,
     make_observer,
     redact,
@@ -254,3 +257,39 @@ class LineBufferTests(SynchronousTestCase):
         self.assertEqual(stamps[0], stamps[1])
         self.assertEqual(stamps[0], formatTime(0))
         self.assertEqual(stamps[2], formatTime(61))
+
+
+class WholeLinesTests(SynchronousTestCase):
+    """
+    L{WholeLines}: what the workers of a group write to their shared stdout.
+    """
+
+    def test_writes_end_at_line_ends(self) -> None:
+        """
+        Each write holds whole lines and at most C{PIPE_BUF} bytes, so no
+        other process's write lands inside a line; a line longer than that
+        is the only thing ever split.
+        """
+        writes: list[bytes] = []
+
+        def record(fd: int, data: Any) -> int:
+            chunk = bytes(data)
+            size = min(len(chunk), 1000)  # the pipe takes less at a time
+            writes.append(chunk[:size])
+            return size
+
+        lines = [f"line {n} " + "x" * (n * 37 % 700) + "\n" for n in range(60)]
+        long = "y" * (select.PIPE_BUF + 10) + "\n"
+        WholeLines(1, record).write("".join(lines) + long + "end\n")
+        self.assertEqual(b"".join(writes).decode(), "".join(lines) + long + "end\n")
+        calls: list[bytes] = []
+
+        def whole(fd: int, data: Any) -> int:
+            calls.append(bytes(data))
+            return len(data)
+
+        WholeLines(1, whole).write("".join(lines) + long + "end\n")
+        for call in calls:
+            self.assertLessEqual(len(call), select.PIPE_BUF)
+        split = [call for call in calls if not call.endswith(b"\n")]
+        self.assertEqual(split, [b"y" * select.PIPE_BUF])

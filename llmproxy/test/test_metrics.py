@@ -71,6 +71,18 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return scrape(metrics).get((name, tuple(sorted(labels.items()))))
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """
+    The sum of the samples called C{name} whose labels include C{labels}.
+    """
+    return sum(
+        found.value
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == name and all(found.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 class MetricsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics = Metrics()
@@ -346,3 +358,84 @@ class NoReactorImportTests(SynchronousTestCase):
         env = {**os.environ, "PYTHONPATH": root}
         done = subprocess.run([sys.executable, "-c", code], check=False, env=env, cwd=root)
         self.assertEqual(done.returncode, 0)
+
+
+_WORKER_SCRIPT = """
+import os, sys
+from llmproxy.metrics import Metrics
+from llmproxy.pricing import UNPRICED
+from llmproxy.usage import Usage
+metrics = Metrics.for_group(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+for _ in range(int(sys.argv[1])):
+    metrics.request_finished("openai", "m", 200, 0.1, 0.05, Usage(), UNPRICED)
+metrics.stream_opened("openai")
+metrics.circuit_state("openai", "up", "", int(sys.argv[2]))
+if sys.argv[3] == "render":
+    sys.stdout.write(metrics.render().decode())
+print(os.getpid(), file=sys.stderr)
+"""
+
+
+class GroupMetricsTests(SynchronousTestCase):
+    """
+    L{Metrics.for_group}: every worker of a group counts in files of one
+    directory, and any of them renders the sum.
+    """
+
+    def run_worker(
+        self, directory: str, requests: int, circuit: int, render: bool
+    ) -> tuple[str, int]:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(llmproxy.__file__)))
+        env = {**os.environ, "PYTHONPATH": root, "PROMETHEUS_MULTIPROC_DIR": directory}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _WORKER_SCRIPT,
+                str(requests),
+                str(circuit),
+                "render" if render else "-",
+            ],
+            check=True,
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout, int(done.stderr.split()[-1])
+
+    def test_sums_over_workers(self) -> None:
+        """
+        Counters and histograms add up over workers, the dead ones
+        included (a counter never goes back when a worker is replaced);
+        live gauges count only live workers once the master has let a dead
+        one go (C{mark_process_dead}): streams are summed, a circuit is the
+        highest state.
+        """
+        from prometheus_client.multiprocess import mark_process_dead
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        _, first = self.run_worker(directory, 3, 1, render=False)
+        text, second = self.run_worker(directory, 4, 0, render=True)
+        self.assertEqual(sample(text, "llmproxy_requests_total", status="200"), 7)
+        self.assertEqual(sample(text, "llmproxy_request_duration_seconds_count"), 7)
+        self.assertEqual(sample(text, "llmproxy_active_streams", provider="openai"), 2)
+        self.assertEqual(sample(text, "llmproxy_circuit_state", upstream="up"), 1)
+        self.assertNotIn("process_cpu_seconds_total", text)
+        mark_process_dead(first, directory)
+        mark_process_dead(second, directory)
+        text, _ = self.run_worker(directory, 0, 0, render=True)
+        self.assertEqual(sample(text, "llmproxy_requests_total", status="200"), 7)
+        self.assertEqual(sample(text, "llmproxy_active_streams", provider="openai"), 1)
+        self.assertEqual(sample(text, "llmproxy_circuit_state", upstream="up"), 0)
+
+    def test_needs_the_variable_first(self) -> None:
+        """
+        prometheus_client decides how to store values when it is imported:
+        without C{PROMETHEUS_MULTIPROC_DIR} at that time, a worker's metrics
+        would count only itself, so L{Metrics.for_group} refuses.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.assertRaises(RuntimeError, Metrics.for_group, directory)

@@ -549,3 +549,51 @@ class RealThreadTests(TestCase):
         self.assertEqual(read_ids(path), ids(*range(10_000)))
         self.assertEqual(len(append_threads), 2)
         self.assertNotIn(reactor_thread, append_threads)
+
+
+_APPENDER = """
+import sys
+from llmproxy.sinks import append_bytes
+path, writer = sys.argv[1], sys.argv[2]
+for batch in range(40):
+    lines = [
+        b'{"writer": "%s", "batch": %d, "line": %d, "pad": "%s"}\\n'
+        % (writer.encode(), batch, line, b"x" * ((batch * 131 + line * 17) % 3000))
+        for line in range(100)
+    ]
+    append_bytes(path, b"".join(lines))
+"""
+
+
+class ConcurrentAppendTests(SynchronousTestCase):
+    """
+    The workers of a group append to one cost-record file, each in batches
+    of whole lines written with C{O_APPEND}.
+    """
+
+    def test_processes_never_interleave_lines(self) -> None:
+        """
+        Four processes appending 40 batches of 100 records (up to 300 KB a
+        batch) at once: every line of the file is one whole record, each
+        written once, and each writer's records are in its own order.
+        """
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(sinks.__file__)))
+        path = os.path.join(os.path.abspath(self.mktemp()), "costs.jsonl")
+        env = {**os.environ, "PYTHONPATH": root}
+        writers = [
+            subprocess.Popen([sys.executable, "-c", _APPENDER, path, str(n)], env=env, cwd=root)
+            for n in range(4)
+        ]
+        for writer in writers:
+            self.assertEqual(writer.wait(timeout=60), 0)
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        self.assertEqual(lines.pop(), b"")
+        records = [orjson.loads(line) for line in lines]
+        self.assertEqual(len(records), 4 * 40 * 100)
+        for n in range(4):
+            mine = [(r["batch"], r["line"]) for r in records if r["writer"] == str(n)]
+            self.assertEqual(mine, [(b, i) for b in range(40) for i in range(100)])

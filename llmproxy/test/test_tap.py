@@ -10,6 +10,7 @@ from contextlib import redirect_stderr
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin, getPlugins
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -76,6 +77,26 @@ class OptionsTests(SynchronousTestCase):
             Options().parseOptions(["--listen", "tcp:notaport"])
         self.assertEqual(raised.exception.code, 1)
         self.assertIn("tcp:notaport", err.getvalue())
+
+    def test_workers(self) -> None:
+        """
+        C{--workers N} overrides C{server.workers}, which applies otherwise;
+        a bad count is a usage error that names the option.
+        """
+        path = self.write("server:\n  workers: 3\n")
+        options = Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options["workers"], 3)
+        options = Options()
+        options.parseOptions(["--config", path, "--workers", "2"])
+        self.assertEqual(options["workers"], 2)
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["workers"], 1)
+        for bad in ("0", "-1", "two", "1.5", "257"):
+            with self.assertRaises(UsageError) as raised:
+                Options().parseOptions(["--workers", bad])
+            self.assertIn("--workers: expected an integer from 1 to 256", str(raised.exception))
 
 
 class ListenFallbackTests(SynchronousTestCase):

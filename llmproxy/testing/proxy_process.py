@@ -4,7 +4,9 @@ Run the real daemon (C{twistd -n llmproxy}) as a child process for
 end-to-end tests, compatibility suites and benchmarks.
 
 The process listens on C{tcp:0} and the port is read from its own
-"listening on" log line, so parallel tests never race for a port.
+"listening on" log line, so parallel tests never race for a port. With
+C{workers}, the daemon is a master with that many workers, and it counts as
+started once its "N workers serving" line says they all serve.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.python.failure import Failure
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _PORT_LINE = re.compile(rb"listening on \S*\(.*?port=(\d+)")
+_WORKERS_LINE = re.compile(rb"\] (\d+) workers serving on ")
 
 
 def twistd_command() -> list[str]:
@@ -60,8 +63,9 @@ class ProxyProcess:
     @ivar exit_code: set once it has exited.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, workers: int | None = None) -> None:
         self._reactor = reactor
+        self.workers = workers
         self.output = b""
         self.port: int | None = None
         self.exit_code: int | None = None
@@ -83,14 +87,18 @@ class ProxyProcess:
         listen: Sequence[str] = ("tcp:0:interface=127.0.0.1",),
         timeout: float = 30.0,
         wait_for_port: bool = True,
+        workers: int | None = None,
     ) -> Deferred[ProxyProcess]:
         """
-        Spawn the daemon; the Deferred fires once it listens (or, with
-        C{wait_for_port=False}, at once), or fails with its output if it
-        exits or stays silent for C{timeout} seconds.
+        Spawn the daemon; the Deferred fires once it listens (with
+        C{workers}: once every worker serves; with C{wait_for_port=False}:
+        at once), or fails with its output if it exits or stays silent for
+        C{timeout} seconds.
         """
-        proc = cls(reactor)
+        proc = cls(reactor, workers)
         args = [*twistd_command(), "-n", "--pidfile=", "llmproxy"]
+        if workers is not None:
+            args += ["--workers", str(workers)]
         for path in config_paths:
             args += ["--config", path]
         for description in listen:
@@ -122,9 +130,15 @@ class ProxyProcess:
             match = _PORT_LINE.search(self.output)
             if match is not None:
                 self.port = int(match.group(1))
-                started, self._started = self._started, None
-                if started is not None:
-                    started.callback(self)
+        if self.port is not None and self._started is not None and self._all_serve():
+            started, self._started = self._started, None
+            started.callback(self)
+
+    def _all_serve(self) -> bool:
+        if self.workers is None:
+            return True
+        match = _WORKERS_LINE.search(self.output)
+        return match is not None and int(match.group(1)) == self.workers
 
     def _start_timed_out(self) -> None:
         started, self._started = self._started, None

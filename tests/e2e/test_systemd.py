@@ -234,28 +234,42 @@ class NotifyTests(TestCase):
             reactor, env={"NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "400000"}
         )
         self.addCleanup(proc.stop)
-        ready = yield receiver.next_state()
-        self.assertEqual(ready["READY"], "1")
+        ready = yield check_lifecycle(self, proc, receiver)
         self.assertIn(str(proc.port), ready["STATUS"])
 
-        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        proc.send_signal(signal.SIGHUP)
-        reloading = yield receiver.next_state()
-        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.assertEqual(reloading["RELOADING"], "1", reloading)
-        self.assertTrue(before <= int(reloading["MONOTONIC_USEC"]) <= after, reloading)
-        reloaded = yield receiver.next_state()
-        self.assertEqual(reloaded, {"READY": "1", "STATUS": "configuration reloaded"})
 
-        yield deferLater(reactor, 0.5, lambda: None)
-        self.assertGreaterEqual(receiver.watchdogs, 2)
+@inlineCallbacks
+def check_lifecycle(test: TestCase, proc: ProxyProcess, receiver: NotifyReceiver) -> Any:
+    """
+    Check what C{proc} (started with C{WATCHDOG_USEC=400000}) tells systemd:
+    READY=1, then on SIGHUP RELOADING=1 with C{MONOTONIC_USEC} and READY=1,
+    WATCHDOG=1 twice in 0.5 s, on SIGTERM STOPPING=1 and exit 0, and
+    nothing else.
 
-        proc.send_signal(signal.SIGTERM)
-        stopping = yield receiver.next_state()
-        self.assertEqual(stopping["STOPPING"], "1", stopping)
-        exit_code = yield proc.wait_exit()
-        self.assertEqual(exit_code, 0, proc.output)
-        self.assertEqual(receiver.states.pending, [])
+    @return: a Deferred that fires with the first READY=1 datagram.
+    """
+    ready = yield receiver.next_state()
+    test.assertEqual(ready["READY"], "1")
+
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    proc.send_signal(signal.SIGHUP)
+    reloading = yield receiver.next_state()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    test.assertEqual(reloading["RELOADING"], "1", reloading)
+    test.assertTrue(before <= int(reloading["MONOTONIC_USEC"]) <= after, reloading)
+    reloaded = yield receiver.next_state()
+    test.assertEqual(reloaded, {"READY": "1", "STATUS": "configuration reloaded"})
+
+    yield deferLater(reactor, 0.5, lambda: None)
+    test.assertGreaterEqual(receiver.watchdogs, 2)
+
+    proc.send_signal(signal.SIGTERM)
+    stopping = yield receiver.next_state()
+    test.assertEqual(stopping["STOPPING"], "1", stopping)
+    exit_code = yield proc.wait_exit()
+    test.assertEqual(exit_code, 0, proc.output[-2000:])
+    test.assertEqual(receiver.states.pending, [])
+    return ready
 
 
 def _unit_lines(path: Path) -> list[str]:
