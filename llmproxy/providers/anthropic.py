@@ -32,7 +32,7 @@ from llmproxy.providers.openai import (
     openai_prompt_chars,
 )
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, loads
+from llmproxy.providers.wire import as_count, as_int, as_str, dig, loads
 from llmproxy.sse import Event
 
 ID_HEADERS = ("request-id",)
@@ -211,18 +211,20 @@ class AnthropicFormat(ProviderFormat):
     ) -> RequestFacts:
         if segments[-2:] == ["chat", "completions"]:
             return describe_openai(method, segments, body)
-        model = user = None
+        model = user = limit = None
         streaming = False
         if isinstance(body, dict):
             model = as_str(body.get("model"))
             user = as_str(dig(body, "metadata", "user_id"))
             streaming = body.get("stream") is True
+            limit = as_count(body.get("max_tokens"))
         return RequestFacts(
             method=method,
             endpoint=classify(method, segments),
             model=model,
             streaming=streaming,
             user=user,
+            max_output_tokens=limit,
         )
 
     def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:

@@ -40,7 +40,7 @@ from llmproxy.providers.openai import (
     openai_prompt_chars,
 )
 from llmproxy.providers.prompt import text_chars
-from llmproxy.providers.wire import as_int, as_str, dig, json_string, query_values
+from llmproxy.providers.wire import as_count, as_int, as_str, dig, json_string, query_values
 from llmproxy.sse import Event
 
 ID_HEADERS = ("x-request-id",)
@@ -241,7 +241,18 @@ class GeminiFormat(ProviderFormat):
                 model = last
         alt = query_values(query, "alt") + query_values(query, "$alt")
         streaming = endpoint == "streamGenerateContent" or "sse" in alt
-        return RequestFacts(method=method, endpoint=endpoint, model=model, streaming=streaming)
+        limit = None
+        if isinstance(body, dict):
+            limit = as_count(dig(body, "generationConfig", "maxOutputTokens"))
+            if limit is None:
+                limit = as_count(dig(body, "generation_config", "max_output_tokens"))
+        return RequestFacts(
+            method=method,
+            endpoint=endpoint,
+            model=model,
+            streaming=streaming,
+            max_output_tokens=limit,
+        )
 
     def prompt_chars(self, facts: RequestFacts, body: object | None) -> int | None:
         if facts.endpoint in COMPATIBLE_ENDPOINTS:

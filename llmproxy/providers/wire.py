@@ -26,6 +26,16 @@ def as_int(value: object) -> int:
     return 0
 
 
+def as_count(value: object) -> int | None:
+    """
+    A count the client asked for (C{max_tokens}): a non-negative integer,
+    else L{None}.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def as_str(value: object) -> str | None:
     """
     A non-empty JSON string, else L{None}.

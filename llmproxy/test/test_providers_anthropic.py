@@ -173,6 +173,7 @@ class InspectTests(SynchronousTestCase):
                 streaming=True,
                 user="13803d75-b4b5-4c3e-b2a2-6f21399b021b",
                 prompt_chars=5,
+                max_output_tokens=1024,
             ),
         )
 
