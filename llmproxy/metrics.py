@@ -165,6 +165,17 @@ class Metrics:
             ["provider", "reason"],
             registry=registry,
         )
+        self.ratelimit_tracked_scopes = Gauge(
+            "llmproxy_ratelimit_tracked_scopes",
+            "Scope-windows the memory rate limiter holds counters for.",
+            registry=registry,
+        )
+        self.ratelimit_scope_overflow_total = Counter(
+            "llmproxy_ratelimit_scope_overflow",
+            "Requests the memory limiter counted in a shared overflow scope because "
+            "max_tracked_scopes counters were held.",
+            registry=registry,
+        )
         self.ratelimit_backend_errors = Counter(
             "llmproxy_ratelimit_backend_errors",
             "Rate-limit backend calls that failed or timed out (fail_mode decided).",
@@ -270,6 +281,9 @@ class Metrics:
 
     def cost_record_dropped(self, n: int = 1) -> None:
         self.cost_records_dropped.inc(n)
+
+    def ratelimit_scope_overflow(self) -> None:
+        self.ratelimit_scope_overflow_total.inc()
 
     def ratelimit_backend_error(self, backend: str) -> None:
         self.ratelimit_backend_errors.labels(backend).inc()

@@ -25,7 +25,7 @@ from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.health import HealthBoard
 from llmproxy.logs import LevelHolder, LineBuffer, make_observer
 from llmproxy.metrics import Metrics
-from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter
+from llmproxy.ratelimit import IRateLimiter, limiter_for, reconfigure_limiter, tracked_scopes
 from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.sinks import ICostSink, cost_sink_for
@@ -140,6 +140,7 @@ def build_service(
         build=buildinfo.load(),
         started_at=reactor.seconds(),
     )
+    metrics.ratelimit_tracked_scopes.set_function(lambda: tracked_scopes(state.runtime.limiter))
     site = gateway_site(state)
     limiter_children = _limiter_services(limiter, config, reactor)
 

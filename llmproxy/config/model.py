@@ -176,11 +176,18 @@ class RedisConfig:
 
 @frozen
 class RateLimitConfig:
+    """
+    @ivar max_tracked_scopes: scope-windows the memory backend keeps
+        counters for; beyond it, new client-named scopes share one counter
+        per kind (see L{llmproxy.ratelimit.memory}).
+    """
+
     enabled: bool = False
     backend: Literal["memory", "redis"] = "memory"
     redis: RedisConfig = Factory(RedisConfig)
     fail_mode: Literal["open", "closed"] = "open"
     sweep_interval_seconds: float = 30.0
+    max_tracked_scopes: int = 100000
     limits: Limits = Factory(Limits)
     overrides: RateLimitOverrides = Factory(RateLimitOverrides)
     estimation: Estimation = Factory(Estimation)

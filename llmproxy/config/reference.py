@@ -109,6 +109,12 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         "When the backend is unreachable: `open` admits requests, `closed` refuses them",
     ),
     (f"{_RL}.sweep_interval_seconds", None, "How often the memory backend drops idle scopes"),
+    (
+        f"{_RL}.max_tracked_scopes",
+        None,
+        "Scope-windows the memory backend counts separately (about 600 bytes each); beyond, "
+        "new users, keys and models share one counter per kind",
+    ),
     (f"{_RL}.limits.requests_per_minute", None, "Per scope; `0` = unlimited"),
     (f"{_RL}.limits.tokens_per_minute", None, "Per scope; `0` = unlimited"),
     (f"{_RL}.limits.requests_per_day", None, "Per scope; `0` = unlimited"),

@@ -381,6 +381,7 @@ def _rate_limiting(ck: Checker, path: KeyPath, value: object) -> RateLimitConfig
         "redis": nested(RedisConfig, _REDIS_KEYS),
         "fail_mode": choice("open", "closed"),
         "sweep_interval_seconds": positive_amount,
+        "max_tracked_scopes": positive_count,
         "limits": lambda ck, p, v: limits,
         "overrides": lambda ck, p, v: _overrides(ck, p, v, limits),
         "estimation": nested(Estimation, _ESTIMATION_KEYS),

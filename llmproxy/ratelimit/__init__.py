@@ -43,16 +43,19 @@ __all__ = [
     "reconfigure_limiter",
     "services_for",
     "sweeper_service",
+    "tracked_scopes",
 ]
 
 
 class BackendErrorCounter(Protocol):
     """
-    Something that counts rate-limit backend errors by backend name (the
-    proxy's metrics).
+    Something that counts rate-limit backend errors by backend name, and
+    requests counted in an overflow scope (the proxy's metrics).
     """
 
     def ratelimit_backend_error(self, backend: str) -> None: ...
+
+    def ratelimit_scope_overflow(self) -> None: ...
 
 
 MetricsHook = Callable[[], object] | BackendErrorCounter | None
@@ -81,7 +84,16 @@ def limiter_for(
         return None
     if config.backend == "redis":
         return RedisRateLimiter(config, reactor, reactor, _hook(metrics))
-    return MemoryRateLimiter(config, reactor)
+    overflowed = None if metrics is None or callable(metrics) else metrics.ratelimit_scope_overflow
+    return MemoryRateLimiter(config, reactor, overflowed)
+
+
+def tracked_scopes(limiter: IRateLimiter | None) -> int:
+    """
+    How many scope-windows a memory limiter holds counters for (0 for any
+    other limiter).
+    """
+    return len(limiter) if isinstance(limiter, MemoryRateLimiter) else 0
 
 
 def services_for(

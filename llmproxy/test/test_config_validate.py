@@ -126,6 +126,26 @@ class SectionTests(FilesMixin):
         self.assertEqual(estimation.provider_chars_per_token, {"anthropic": 3.5})
         self.assertEqual(estimation.max_sample_bytes, 0)
 
+    def test_protective_limits(self) -> None:
+        """
+        The limits that protect the proxy itself take positive numbers.
+        """
+        for text, key, expected in [
+            (
+                "features: {rate_limiting: {max_tracked_scopes: 0}}\n",
+                "features.rate_limiting.max_tracked_scopes",
+                "expected an integer > 0, got 0",
+            ),
+            (
+                "features: {rate_limiting: {max_tracked_scopes: many}}\n",
+                "features.rate_limiting.max_tracked_scopes",
+                "expected an integer > 0, got 'many'",
+            ),
+        ]:
+            self.assertOneError(text, key, expected)
+        config = self.load("features: {rate_limiting: {max_tracked_scopes: 10}}\n")
+        self.assertEqual(config.features.rate_limiting.max_tracked_scopes, 10)
+
     def test_parse_config_source(self) -> None:
         """
         L{parse_config} names its C{source} in every message.

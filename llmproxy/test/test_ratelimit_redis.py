@@ -420,6 +420,9 @@ class RedisURLTests(SynchronousTestCase):
             def ratelimit_backend_error(self, backend: str) -> None:
                 self.counted.append(backend)
 
+            def ratelimit_scope_overflow(self) -> None:
+                self.counted.append("overflow")
+
         counter = Counter()
         rate = RateLimitConfig(enabled=True, backend="redis", limits=Limits(requests_per_minute=1))
         limiter = limiter_for(rate, Clock(), counter)

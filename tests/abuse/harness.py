@@ -50,6 +50,16 @@ def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def read_records(path: str) -> list[dict[str, Any]]:
+    """
+    The cost records written so far (none if the file is not there yet).
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        return [orjson.loads(line) for line in f]
+
+
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
@@ -137,6 +147,18 @@ class AbuseCase(TestCase):
 
     def access_lines(self, proc: ProxyProcess) -> list[dict[str, Any]]:
         return [e for e in self.log_events(proc) if e.get("namespace") == "llmproxy.access"]
+
+    @inlineCallbacks
+    def access_line(self, proc: ProxyProcess, request_id: str) -> Any:
+        """
+        The access line of one request, once it is written.
+        """
+
+        def found() -> list[dict[str, Any]]:
+            return [a for a in self.access_lines(proc) if a.get("request_id") == request_id]
+
+        yield self.wait_for(lambda: bool(found()))
+        return found()[0]
 
     @inlineCallbacks
     def wait_for(self, check: Callable[[], bool], seconds: float = 10, step: float = 0.05) -> Any:
