@@ -165,6 +165,19 @@ class Metrics:
             ["provider", "reason"],
             registry=registry,
         )
+        self.client_connections = Gauge(
+            "llmproxy_client_connections",
+            "Client connections open right now.",
+            registry=registry,
+        )
+        self.client_dropped_total = Counter(
+            "llmproxy_client_dropped",
+            "Client connections refused or cut for what the client did: over_connection_limit, "
+            "header_timeout, body_too_slow, body_too_large, uri_too_long, headers_too_large, "
+            "bad_request, stalled_reading.",
+            ["reason"],
+            registry=registry,
+        )
         self.ratelimit_tracked_scopes = Gauge(
             "llmproxy_ratelimit_tracked_scopes",
             "Scope-windows the memory rate limiter holds counters for.",
@@ -281,6 +294,9 @@ class Metrics:
 
     def cost_record_dropped(self, n: int = 1) -> None:
         self.cost_records_dropped.inc(n)
+
+    def client_dropped(self, reason: str) -> None:
+        self._child(self.client_dropped_total, reason).inc()
 
     def ratelimit_scope_overflow(self) -> None:
         self.ratelimit_scope_overflow_total.inc()

@@ -142,6 +142,7 @@ def build_service(
     )
     metrics.ratelimit_tracked_scopes.set_function(lambda: tracked_scopes(state.runtime.limiter))
     site = gateway_site(state)
+    metrics.client_connections.set_function(lambda: len(site.channels))
     limiter_children = _limiter_services(limiter, config, reactor)
 
     def reload() -> Deferred[Runtime]:

@@ -113,6 +113,13 @@ class ServerConfig:
     """
     @ivar listen: endpoint descriptions; empty means "not configured", so the
         plugin falls back to C{tcp:$PORT} and then C{tcp:9002}.
+    @ivar max_connections: client connections served at once (see
+        L{llmproxy.channel} for this and the deadlines below).
+    @ivar header_timeout_seconds: how long a request head may take.
+    @ivar body_timeout_seconds: how long a request body may take, plus one
+        second per C{min_body_rate_bytes_per_second} bytes it delivered.
+    @ivar client_stall_timeout_seconds: how long a client may leave a
+        response unread before it is dropped.
     """
 
     listen: tuple[str, ...] = ()
@@ -121,6 +128,11 @@ class ServerConfig:
     shutdown_grace_seconds: float = 0.0
     cors: CorsConfig = Factory(CorsConfig)
     forwarded_headers: bool = True
+    max_connections: int = 1000
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    min_body_rate_bytes_per_second: int = 1024
+    client_stall_timeout_seconds: float = 120.0
 
 
 @frozen

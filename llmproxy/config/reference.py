@@ -51,6 +51,35 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         None,
         "Append `X-Forwarded-For` and set `X-Forwarded-Proto` on forwarded requests",
     ),
+    (
+        "server.max_connections",
+        None,
+        "Client connections served at once; idle keep-alive ones are closed to make room, "
+        "then new ones get 503 (`/health` still answers)",
+    ),
+    (
+        "server.header_timeout_seconds",
+        None,
+        "A request head must arrive within this from its first byte (from the connection's "
+        "opening for its first request), else 408",
+    ),
+    (
+        "server.body_timeout_seconds",
+        None,
+        "A request body may take this long, plus 1 s for each "
+        "`min_body_rate_bytes_per_second` it delivered, else 408",
+    ),
+    (
+        "server.min_body_rate_bytes_per_second",
+        None,
+        "The slowest average upload rate accepted after `body_timeout_seconds`",
+    ),
+    (
+        "server.client_stall_timeout_seconds",
+        None,
+        "A client that reads none of a response for this long is dropped (a client fault, "
+        "not an upstream one)",
+    ),
     ("logging.format", None, "`text` or `json` (one JSON object per line)"),
     ("logging.level", None, "`debug`, `info`, `warn`, `error` or `critical`"),
     (f"{_P}.enabled", None, "Mount the provider at `/<name>/`; `false` answers 404 there"),

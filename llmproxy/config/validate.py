@@ -86,6 +86,11 @@ _SERVER_KEYS: Mapping[str, Parser] = {
     "shutdown_grace_seconds": amount,
     "cors": nested(CorsConfig, {"allow_origins": string_list}),
     "forwarded_headers": boolean,
+    "max_connections": positive_count,
+    "header_timeout_seconds": positive_amount,
+    "body_timeout_seconds": positive_amount,
+    "min_body_rate_bytes_per_second": positive_count,
+    "client_stall_timeout_seconds": positive_amount,
 }
 
 LOG_FORMATS = ("text", "json")

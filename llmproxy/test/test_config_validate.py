@@ -130,6 +130,15 @@ class SectionTests(FilesMixin):
         """
         The limits that protect the proxy itself take positive numbers.
         """
+        for key, bad in [
+            ("max_connections", "0"),
+            ("header_timeout_seconds", "0"),
+            ("body_timeout_seconds", "-1"),
+            ("min_body_rate_bytes_per_second", "1.5"),
+            ("client_stall_timeout_seconds", "soon"),
+        ]:
+            error = self.assertOneError(f"server: {{{key}: {bad}}}\n", "server." + key, "expected")
+            self.assertIn("> 0", error)
         for text, key, expected in [
             (
                 "features: {rate_limiting: {max_tracked_scopes: 0}}\n",
