@@ -325,6 +325,7 @@ class Attempt:
             self._deadline,
             self._upstream.format.sse_error_event if self._sse else None,
             self._body_ended,
+            self._state.runtime.config.server.client_stall_timeout_seconds,
         )
         response.deliverBody(self._relay)
 

@@ -4,23 +4,31 @@ Relaying an upstream response body to the client as it arrives.
 
 The L{Relay} is the body protocol of one upstream response and the push
 producer of the client's response: when the client's socket buffer fills,
-twisted.web pauses it, which pauses the upstream socket, so the proxy holds
-about one chunk per stream. One timer per stream watches both the silence
-between chunks and the call's total deadline.
+twisted.web pauses it, and it pauses the upstream socket, so the proxy holds
+about one chunk per stream. One timer per stream watches the call's total
+deadline and, whichever applies, the upstream's silence between chunks
+(while the client reads) or the client's stall (while it does not: the
+upstream is then silent because the relay stopped reading it, which is no
+fault of the upstream's). A client that stalls longer than its limit is
+dropped, as a client fault.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from llmproxy.providers import Meter
+
+log = Logger(namespace="llmproxy.relay")
 
 ErrorEvent = Callable[[int, str], bytes]
 """A provider's C{sse_error_event}: status and message to SSE bytes."""
@@ -33,10 +41,15 @@ the error's text.
 """
 
 
+@implementer(IPushProducer)
 class Relay(Protocol):
     """
     Writes the upstream body to the client as it arrives, through the
     response's meter, and ends the client's response the way the body ended.
+
+    It is the push producer of the client's response (twisted.web pauses
+    and resumes it as the client's socket fills and drains) and passes that
+    on to the upstream's transport.
     """
 
     def __init__(
@@ -48,6 +61,7 @@ class Relay(Protocol):
         deadline: float | None,
         error_event: ErrorEvent | None,
         ended: BodyEnded,
+        stall_seconds: float = 0.0,
     ) -> None:
         """
         @param meter: reads usage from the body (and may remove an event);
@@ -58,6 +72,8 @@ class Relay(Protocol):
         @param error_event: for an SSE response, how to tell the client's SDK
             that the stream failed; L{None} for other bodies, whose
             connection is cut instead.
+        @param stall_seconds: the longest the client may leave the response
+            unread (0: no limit).
         """
         self.request = request
         self.meter = meter
@@ -66,26 +82,61 @@ class Relay(Protocol):
         self.deadline = deadline
         self.error_event = error_event
         self.ended = ended
+        self.stall_seconds = stall_seconds
         self.first_byte: float | None = None
         self.gone = False
+        self._paused_at: float | None = None
         self._timer: IDelayedCall | None = None
         self._aborted: tuple[str, str] | None = None
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self, True)
         self._arm()
+
+    # -- the client's flow control -----------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The client's socket is full: stop reading the upstream; from now
+        on the client's stall counts, not the upstream's silence.
+        """
+        if self._paused_at is None:
+            self._paused_at = self.clock.seconds()
+            self._arm()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        if self._paused_at is not None:
+            self._paused_at = None
+            self._arm()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """
+        The client's connection is gone.
+        """
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    # -- the one timer -------------------------------------------------------------
 
     def _arm(self) -> None:
         """
-        (Re)arm the one timer for whichever comes first: the idle limit from
-        now, or the total deadline.
+        (Re)arm the one timer for whichever comes first: the total deadline,
+        or the idle limit from now (while the client reads) or the stall
+        limit from when it stopped (while it does not).
         """
         now = self.clock.seconds()
         end = self.deadline
-        if self.idle_seconds > 0:
-            idle_end = now + self.idle_seconds
-            end = idle_end if end is None else min(end, idle_end)
+        if self._paused_at is None:
+            limit, since = self.idle_seconds, now
+        else:
+            limit, since = self.stall_seconds, self._paused_at
+        if limit > 0:
+            end = since + limit if end is None else min(end, since + limit)
         if end is None:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
             return
         delay = max(end - now, 0.0)
         if self._timer is not None and self._timer.active():
@@ -97,8 +148,28 @@ class Relay(Protocol):
         self._timer = None
         if self.deadline is not None and self.clock.seconds() >= self.deadline:
             self._abort("total_timeout", "Upstream exceeded the total time budget.")
+        elif self._paused_at is not None:
+            self._drop_client()
         else:
             self._abort("idle_timeout", "Upstream stream was silent for too long.")
+
+    def _drop_client(self) -> None:
+        """
+        The client read nothing for C{stall_seconds}: cut its connection (it
+        would never drain a graceful close). The request then ends as a
+        client that left, which is no failure of the upstream's.
+        """
+        log.info(
+            "client read nothing for {seconds}s; dropped",
+            seconds=self.stall_seconds,
+        )
+        channel = getattr(self.request, "channel", None)
+        site = getattr(channel, "site", None)
+        if site is not None:
+            site.dropped("stalled_reading")
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     def _abort(self, kind: str, message: str) -> None:
         """
@@ -112,7 +183,8 @@ class Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.first_byte is None:
             self.first_byte = self.clock.seconds()
-        self._arm()
+        if self._paused_at is None:
+            self._arm()
         if self.meter is not None:
             data = self.meter.feed(data)
         if data and not self.gone:
