@@ -25,16 +25,18 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmproxy.headers import copy_response_headers, forward_request_headers
 from llmproxy.inspection import CallFacts
+from llmproxy.logs import describe_failure
 from llmproxy.providers import Meter
 from llmproxy.relay import Relay
 from llmproxy.runtime import ProxyState
-from llmproxy.upstream import Upstream
+from llmproxy.upstream import ResponseHeadTooLarge, Upstream
 from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.attempt")
@@ -46,9 +48,9 @@ class UpstreamFailure:
     Why an attempt got no response, and what the client should hear if no
     other attempt follows.
 
-    @ivar kind: C{connect}, C{tls}, C{connect_timeout},
+    @ivar kind: C{connect}, C{tls}, C{connect_timeout}, C{bad_response},
         C{first_byte_timeout} or C{total_timeout}.
-    @ivar status: 502 (unreachable) or 504 (too slow).
+    @ivar status: 502 (unreachable, or an invalid response) or 504 (too slow).
     @ivar unsent: the upstream never received the request.
     """
 
@@ -266,6 +268,10 @@ class Attempt:
             error = UpstreamFailure(
                 kind, 504, f"Upstream {name} sent no response headers in time.", unsent=False
             )
+        elif kind == "bad_response":
+            error = UpstreamFailure(
+                kind, 502, f"Upstream {name} sent an invalid HTTP response.", unsent=False
+            )
         else:
             message = f"Upstream {name} unreachable ({kind}) at {base}."
             error = UpstreamFailure(kind, 502, message, unsent=True)
@@ -273,7 +279,7 @@ class Attempt:
             "upstream {provider} failed: {kind}: {error}",
             provider=name,
             kind=kind,
-            error=failure.getErrorMessage(),
+            error=describe_failure(failure),
             request_id=self._facts.request_id,
         )
         self._state.upstream_attempted(name, ok=False, failure=kind)
@@ -394,8 +400,13 @@ def failure_kind(failure: Failure) -> str:
         return "connect_timeout"
     if failure.check(ConnectionRefusedError, DNSLookupError, CancelledError):
         return "connect"
+    reasons = getattr(failure.value, "reasons", []) or []
+    if failure.check(ParseError, ResponseHeadTooLarge) or any(
+        reason.check(ParseError, ResponseHeadTooLarge) for reason in reasons
+    ):
+        return "bad_response"
     text = failure.getErrorMessage().lower()
-    for reason in getattr(failure.value, "reasons", []) or []:
+    for reason in reasons:
         text += " " + repr(reason.value).lower()
     if "ssl" in text or "tls" in text or "certificate" in text:
         return "tls"

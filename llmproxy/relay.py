@@ -26,6 +26,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from llmproxy.logs import describe_failure
 from llmproxy.providers import Meter
 
 log = Logger(namespace="llmproxy.relay")
@@ -204,7 +205,7 @@ class Relay(Protocol):
         self._timer = None
         tail = self.meter.finish() if self.meter is not None else b""
         if self.gone:
-            self.ended(False, None, "client left")
+            self._end(False, None, "client left")
             return
         request = self.request
         request.unregisterProducer()
@@ -212,7 +213,7 @@ class Relay(Protocol):
             request.write(tail)
         if self._aborted is None and reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
-            self.ended(True, None, "")
+            self._end(True, None, "")
             return
         kind, message = self._aborted or ("broken_stream", "Upstream stream ended unexpectedly.")
         if self.error_event is not None:
@@ -225,4 +226,19 @@ class Relay(Protocol):
             # Headers are gone already: cut the connection so the client sees
             # a truncated body rather than a complete-looking one.
             request.loseConnection()
-        self.ended(False, kind, reason.getErrorMessage())
+        self._end(False, kind, describe_failure(reason))
+
+    def _end(self, complete: bool, kind: str | None, detail: str) -> None:
+        """
+        Tell the attempt how the body ended, then let go of it and of the
+        upstream's transport: the attempt holds this relay, so holding it
+        back would keep both (and the meter's buffers) alive until the
+        garbage collector's next full pass.
+        """
+        ended, self.ended = self.ended, _ended_already
+        ended(complete, kind, detail)
+        self.transport = None
+
+
+def _ended_already(complete: bool, kind: str | None, detail: str) -> None:
+    """The body already ended."""

@@ -180,15 +180,23 @@ class Dribbler(Protocol):
     """
 
     def __init__(self) -> None:
-        self.received = b""
+        self._received = bytearray()
         self.closed: Deferred[bytes] = Deferred()
         self.connected = False
+
+    @property
+    def received(self) -> bytes:
+        return bytes(self._received)
+
+    @property
+    def size(self) -> int:
+        return len(self._received)
 
     def connectionMade(self) -> None:
         self.connected = True
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
+        self._received += data
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
