@@ -178,6 +178,20 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.ratelimit_degraded_state = Gauge(
+            "llmproxy_ratelimit_degraded",
+            "1 while the shared rate-limit backend is in an outage and requests are decided "
+            "without it.",
+            ["backend"],
+            registry=registry,
+        )
+        self.ratelimit_local_decisions = Counter(
+            "llmproxy_ratelimit_local_decisions",
+            "Requests decided without the shared rate-limit backend (during an outage, or a "
+            "call that failed).",
+            ["backend"],
+            registry=registry,
+        )
         self.ratelimit_tracked_scopes = Gauge(
             "llmproxy_ratelimit_tracked_scopes",
             "Scope-windows the memory rate limiter holds counters for.",
@@ -300,6 +314,12 @@ class Metrics:
 
     def ratelimit_scope_overflow(self) -> None:
         self.ratelimit_scope_overflow_total.inc()
+
+    def ratelimit_degraded(self, backend: str, degraded: bool) -> None:
+        self.ratelimit_degraded_state.labels(backend).set(1 if degraded else 0)
+
+    def ratelimit_local_decision(self, backend: str) -> None:
+        self._child(self.ratelimit_local_decisions, backend).inc()
 
     def ratelimit_backend_error(self, backend: str) -> None:
         self.ratelimit_backend_errors.labels(backend).inc()

@@ -22,6 +22,7 @@ from llmproxy.cors import preflight_headers
 from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.metrics import metrics_resource
 from llmproxy.provider_resource import ProviderResource
+from llmproxy.ratelimit import limiter_status
 from llmproxy.runtime import ProxyState
 from llmproxy.site import ProxyRequest, ProxySite, make_site
 
@@ -66,6 +67,7 @@ class Gateway:
                 "open": len(getattr(getattr(channel, "site", None), "channels", ())),
                 "max": runtime.config.server.max_connections,
             },
+            "rate_limiter": limiter_status(runtime.limiter),
             "providers": providers,
             "features": {
                 "rate_limiting": features.rate_limiting.enabled,

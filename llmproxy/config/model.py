@@ -178,12 +178,18 @@ class Estimation:
 @frozen
 class RedisConfig:
     """
-    @ivar timeout_ms: how long one limiter call may wait on Redis before
-        C{fail_mode} decides.
+    @ivar timeout_ms: how long one limiter call may go unanswered before it
+        counts as a failure (it still waits for its answer).
+    @ivar outage_after_failures: failures in a row that make an outage,
+        during which requests are decided without Redis (by C{fail_mode}).
+    @ivar outage_limit_fraction: during an outage with C{fail_mode: open},
+        the fraction of each limit this instance enforces on its own.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
-    timeout_ms: int = 50
+    timeout_ms: int = 250
+    outage_after_failures: int = 3
+    outage_limit_fraction: float = 1.0
 
 
 @frozen

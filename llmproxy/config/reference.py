@@ -130,12 +130,26 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
     (
         f"{_RL}.redis.timeout_ms",
         None,
-        "How long a limiter call may wait for Redis before `fail_mode`",
+        "A Redis call unanswered this long counts as a failure (its request still waits for "
+        "the answer)",
+    ),
+    (
+        f"{_RL}.redis.outage_after_failures",
+        None,
+        "Failures in a row that make an outage (so does losing every connection): requests "
+        "are then decided without Redis, by `fail_mode`",
+    ),
+    (
+        f"{_RL}.redis.outage_limit_fraction",
+        None,
+        "During an outage with `fail_mode: open`, the share of each limit this instance "
+        "enforces on its own (1/N for a fleet of N)",
     ),
     (
         f"{_RL}.fail_mode",
         None,
-        "When the backend is unreachable: `open` admits requests, `closed` refuses them",
+        "During a Redis outage: `open` admits within the local share of each limit, "
+        "`closed` refuses (503)",
     ),
     (f"{_RL}.sweep_interval_seconds", None, "How often the memory backend drops idle scopes"),
     (

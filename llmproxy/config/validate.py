@@ -369,9 +369,22 @@ _ESTIMATION_KEYS: Mapping[str, Parser] = {
     "optimistic_first_request": boolean,
 }
 
+
+def _fraction(ck: Checker, path: KeyPath, value: object) -> float | Invalid:
+    """
+    A number in (0, 1].
+    """
+    number: float | Invalid = positive_amount(ck, path, value)
+    if isinstance(number, Invalid) or number <= 1:
+        return number
+    return ck.fail(path, "expected a number > 0 and <= 1", value)
+
+
 _REDIS_KEYS: Mapping[str, Parser] = {
     "url": redis_url,
     "timeout_ms": positive_count,
+    "outage_after_failures": positive_count,
+    "outage_limit_fraction": _fraction,
 }
 
 

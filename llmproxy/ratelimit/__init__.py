@@ -10,7 +10,6 @@ L{LimitRequest}, asks L{IRateLimiter.reserve}, and maps a L{Denial} to the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from twisted.application.service import IService
@@ -27,7 +26,7 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
 )
-from llmproxy.ratelimit.redis_backend import RedisRateLimiter
+from llmproxy.ratelimit.redis_backend import RateLimitMetrics, RedisRateLimiter
 
 __all__ = [
     "BackendUnavailable",
@@ -40,6 +39,7 @@ __all__ = [
     "Reservation",
     "estimate_tokens",
     "limiter_for",
+    "limiter_status",
     "reconfigure_limiter",
     "services_for",
     "sweeper_service",
@@ -47,45 +47,41 @@ __all__ = [
 ]
 
 
-class BackendErrorCounter(Protocol):
+class LimiterMetrics(RateLimitMetrics, Protocol):
     """
-    Something that counts rate-limit backend errors by backend name, and
-    requests counted in an overflow scope (the proxy's metrics).
+    What the limiters report (the proxy's L{llmproxy.metrics.Metrics}):
+    the Redis backend's errors and outages, the memory backend's overflow.
     """
-
-    def ratelimit_backend_error(self, backend: str) -> None: ...
 
     def ratelimit_scope_overflow(self) -> None: ...
 
 
-MetricsHook = Callable[[], object] | BackendErrorCounter | None
-
-
-def _hook(metrics: MetricsHook) -> Callable[[], object] | None:
-    if metrics is None or callable(metrics):
-        return metrics
-    counter = metrics
-    return lambda: counter.ratelimit_backend_error("redis")
-
-
 def limiter_for(
-    config: RateLimitConfig, reactor: IReactorTime, metrics: MetricsHook = None
+    config: RateLimitConfig, reactor: IReactorTime, metrics: LimiterMetrics | None = None
 ) -> IRateLimiter | None:
     """
     The limiter C{config} asks for, or C{None} when rate limiting is off.
 
     Run what L{services_for} returns for it as child services.
-
-    @param metrics: for a Redis limiter, told about each backend error the
-        caller does not see (see L{RedisRateLimiter}): a callable, or an
-        object with C{ratelimit_backend_error(backend)}.
     """
     if not config.enabled:
         return None
     if config.backend == "redis":
-        return RedisRateLimiter(config, reactor, reactor, _hook(metrics))
-    overflowed = None if metrics is None or callable(metrics) else metrics.ratelimit_scope_overflow
+        return RedisRateLimiter(config, reactor, reactor, metrics)
+    overflowed = None if metrics is None else metrics.ratelimit_scope_overflow
     return MemoryRateLimiter(config, reactor, overflowed)
+
+
+def limiter_status(limiter: object) -> dict[str, object] | None:
+    """
+    What C{/health} says about the limiter (an L{IRateLimiter} or L{None}):
+    its backend and state.
+    """
+    if isinstance(limiter, RedisRateLimiter):
+        return limiter.status()
+    if isinstance(limiter, MemoryRateLimiter):
+        return {"backend": "memory", "state": "ok", "tracked_scopes": len(limiter)}
+    return None
 
 
 def tracked_scopes(limiter: IRateLimiter | None) -> int:
@@ -120,7 +116,7 @@ def reconfigure_limiter(
     old: RateLimitConfig,
     new: RateLimitConfig,
     reactor: IReactorTime,
-    metrics: MetricsHook = None,
+    metrics: LimiterMetrics | None = None,
 ) -> IRateLimiter | None:
     """
     The limiter to use after a configuration reload.

@@ -154,6 +154,18 @@ class SectionTests(FilesMixin):
             self.assertOneError(text, key, expected)
         config = self.load("features: {rate_limiting: {max_tracked_scopes: 10}}\n")
         self.assertEqual(config.features.rate_limiting.max_tracked_scopes, 10)
+        prefix = "features: {rate_limiting: {redis: "
+        for text, key, expected in [
+            ("{outage_after_failures: 0}", "outage_after_failures", "expected an integer > 0"),
+            ("{outage_limit_fraction: 0}", "outage_limit_fraction", "expected a number > 0"),
+            ("{outage_limit_fraction: 1.5}", "outage_limit_fraction", "> 0 and <= 1, got 1.5"),
+            ("{outage_limit_fraction: half}", "outage_limit_fraction", "got 'half'"),
+        ]:
+            self.assertOneError(
+                prefix + text + "}}\n", "features.rate_limiting.redis." + key, expected
+            )
+        redis = self.load(prefix + "{outage_limit_fraction: 0.25}}}\n").features.rate_limiting.redis
+        self.assertEqual((redis.outage_limit_fraction, redis.timeout_ms), (0.25, 250))
 
     def test_parse_config_source(self) -> None:
         """
