@@ -123,11 +123,13 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Before the "listening on" lines: whoever waits for them (a test, a
+        # supervisor) may send SIGHUP at once.
+        if self._reloader is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         addresses = [str(port.getHost()) for port in self.ports]
         for address in addresses:
             log.info("listening on {address}", address=address)
-        if self._reloader is not None:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         # The ports are bound; they accept once the reactor runs (twistd
         # starts services just before running it).
         self._reactor.callWhenRunning(
