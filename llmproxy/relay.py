@@ -101,22 +101,27 @@ class Relay(Protocol):
         The client's socket is full: stop reading the upstream; from now
         on the client's stall counts, not the upstream's silence.
         """
+        if self.transport is None:
+            return
         if self._paused_at is None:
             self._paused_at = self.clock.seconds()
             self._arm()
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
+        if self.transport is None:
+            return
         if self._paused_at is not None:
             self._paused_at = None
             self._arm()
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         """
         The client's connection is gone.
         """
-        self.transport.stopProducing()  # type: ignore[union-attr]
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     # -- the one timer -------------------------------------------------------------
 

@@ -154,6 +154,18 @@ class RelayTimerTests(SynchronousTestCase):
         self.relay.connectionLost(Failure(ResponseDone()))
         self.assertEqual(self.ended, [(False, None, "client left")])
 
+    def test_after_the_end(self) -> None:
+        """
+        Flow control after the body ended (the channel may still hold the
+        relay as its producer when the client left) does nothing.
+        """
+        self.relay.client_gone()
+        self.relay.connectionLost(Failure(ResponseDone()))
+        self.relay.pauseProducing()
+        self.relay.resumeProducing()
+        self.relay.stopProducing()
+        self.assertEqual(self.ended, [(False, None, "client left")])
+
     def test_deadline_while_paused(self) -> None:
         """
         The call's total deadline counts whoever is slow.
