@@ -297,8 +297,15 @@ def flat(values: list[int]) -> tuple[float, float]:
     return max(abs(value - middle) for value in values) / middle, middle
 
 
+def git_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+
+
 def report(
     options: argparse.Namespace,
+    commit: str,
     tally: Tally,
     samples: list[Sample],
     access: int,
@@ -318,9 +325,6 @@ def report(
         <= fd_allowed,
         "the proxy exited 0 on SIGTERM": exit_code == 0,
     }
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
     lines = [
         f"# Soak: {options.seconds:.0f} s, {options.concurrency} clients (commit {commit})",
         "",
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-seconds", type=float, default=30.0, help="sampling period")
     parser.add_argument("--no-save", action="store_true", help="print the report only")
     options = parser.parse_args(argv)
+    # The code the proxy runs is the checkout's at its start.
+    commit = git_commit()
     tmp = Path(tempfile.mkdtemp(prefix="llmproxy-soak-"))
     processes = Processes(tmp)
     environ = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -423,13 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = proxy.wait(timeout=60)
         access = count_lines(tmp / "proxy.log", lambda e: e.get("namespace") == "llmproxy.access")
         records = count_lines(costs, lambda e: True) if costs.exists() else 0
-        text, passed = report(options, tally, samples, access, records, exit_code)
+        text, passed = report(options, commit, tally, samples, access, records, exit_code)
         print(text)
         if not options.no_save:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-            ).stdout.strip()
             RESULTS.mkdir(exist_ok=True)
             path = RESULTS / f"soak-{stamp}-{commit}.md"
             path.write_text(text)
