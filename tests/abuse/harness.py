@@ -8,6 +8,7 @@ open files and log lines read from outside.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -179,10 +180,15 @@ class Dribbler(Protocol):
     server answers or closes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop_reading_at: int | None = None) -> None:
+        """
+        @param stop_reading_at: stop reading (pause the transport) as soon
+            as this many bytes have arrived, within the same read.
+        """
         self._received = bytearray()
         self.closed: Deferred[bytes] = Deferred()
         self.connected = False
+        self.stop_reading_at = stop_reading_at
 
     @property
     def received(self) -> bytes:
@@ -197,6 +203,9 @@ class Dribbler(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._received += data
+        if self.stop_reading_at is not None and len(self._received) >= self.stop_reading_at:
+            self.stop_reading_at = None
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -205,6 +214,15 @@ class Dribbler(Protocol):
     def send(self, data: bytes) -> None:
         if self.connected and self.transport is not None:
             self.transport.write(data)
+
+    def small_buffer(self, size: int = 64 << 10) -> None:
+        """
+        Cap this socket's receive buffer (Linux grows it to tens of
+        megabytes on loopback): a client that stops reading then fills it,
+        and the server sees its socket full, as across a network.
+        """
+        handle: Any = self.transport.getHandle()  # type: ignore[union-attr]
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def connect(port: int, protocol: Protocol) -> Deferred[Any]:

@@ -57,13 +57,12 @@ class CompressionBombTests(AbuseCase):
         proc = yield self.start_proxy(self.config(upstream=base))
         status, _, _ = yield self.get(proc)
         before = proc_status(proc.pid, "VmHWM")
-        stalled = [Dribbler() for _ in range(8)]
+        stalled = [Dribbler(stop_reading_at=100_000) for _ in range(8)]
         yield gatherResults([connect(proc.port, s) for s in stalled])
         for client in stalled:
+            client.small_buffer()
             client.send(request())
-        yield self.wait_for(lambda: all(s.size > 1_000_000 for s in stalled))
-        for client in stalled:
-            client.transport.pauseProducing()  # type: ignore[union-attr]
+        yield self.wait_for(lambda: all(s.size >= 100_000 for s in stalled))
         yield sleep(1.0)
         growth_kb = proc_status(proc.pid, "VmHWM") - before
         self.assertLess(growth_kb, 60_000, f"peak grew {growth_kb} kB")

@@ -36,12 +36,13 @@ class SlowClientTests(AbuseCase):
         proc = yield self.start_proxy(
             self.config("server: {client_stall_timeout_seconds: 2}\n", idle=0.5)
         )
-        reader = Dribbler()
+        # It stops reading within the read that brings the first bytes.
+        reader = Dribbler(stop_reading_at=1)
         yield connect(proc.port, reader)
+        reader.small_buffer()
         reader.send(REQUEST)
-        yield self.wait_for(lambda: b"\r\n\r\n" in reader.received)
+        yield self.wait_for(lambda: reader.size > 0)
         transport: Any = reader.transport
-        transport.pauseProducing()
         yield sleep(pause)
         transport.resumeProducing()
         yield reader.closed
