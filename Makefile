@@ -10,7 +10,7 @@ TRIAL  := $(PY) -m twisted.trial
 SRC    := llmproxy tests twisted/plugins bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install buildinfo build dev run demo test test-unit test-e2e check fmt fmt-check lint typecheck bench \
+.PHONY: help install buildinfo build dev run demo test test-unit test-e2e check fmt fmt-check lint typecheck bench soak \
         version clean test-openai test-anthropic test-gemini test-health env-check test-all
 
 help: ## list the targets
@@ -65,6 +65,9 @@ typecheck: $(STAMP) ## mypy --strict
 
 bench: $(STAMP) ## benchmarks: direct vs proxied, ratios (see bench/README.md)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+soak: $(STAMP) ## 30-minute mixed load: RSS, open files, access lines = records (SOAK_ARGS="--seconds 120")
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 version: $(STAMP) ## print the build information
 	$(PY) -m llmproxy version

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -39,6 +40,7 @@ from llmproxy.cloudauth import NoCredentialsError
 from llmproxy.gate import StreamGate
 from llmproxy.headers import content_codings, copy_response_headers, forward_request_headers
 from llmproxy.inspection import CallFacts
+from llmproxy.logs import describe_failure
 from llmproxy.outcomes import (
     CLIENT_GONE,
     FAILED_AFTER_CONTENT,
@@ -51,6 +53,7 @@ from llmproxy.providers import Meter
 from llmproxy.relay import Relay
 from llmproxy.runtime import ProxyState
 from llmproxy.tracing import NO_TRACE, IRequestTrace
+from llmproxy.upstream import ResponseHeadTooLarge
 from llmproxy.usage import Usage
 
 log = Logger(namespace="llmproxy.attempt")
@@ -65,10 +68,10 @@ class UpstreamFailure:
     Why an attempt got no response, and what the client should hear if no
     other attempt follows.
 
-    @ivar kind: C{connect}, C{tls}, C{connect_timeout}, C{credentials}
-        (the proxy's own cloud credentials could not be found),
+    @ivar kind: C{connect}, C{tls}, C{connect_timeout}, C{bad_response},
+        C{credentials} (the proxy's own cloud credentials could not be found),
         C{first_byte_timeout} or C{total_timeout}.
-    @ivar status: 502 (unreachable) or 504 (too slow).
+    @ivar status: 502 (unreachable, or an invalid response) or 504 (too slow).
     @ivar unsent: the upstream never received the request.
     """
 
@@ -333,6 +336,10 @@ class Attempt:
             error = UpstreamFailure(
                 kind, 504, f"Upstream {name} sent no response headers in time.", unsent=False
             )
+        elif kind == "bad_response":
+            error = UpstreamFailure(
+                kind, 502, f"Upstream {name} sent an invalid HTTP response.", unsent=False
+            )
         else:
             base = self._choice.endpoint.base_url
             message = f"Upstream {name} unreachable ({kind}) at {base}."
@@ -341,7 +348,7 @@ class Attempt:
             "upstream {upstream} failed: {kind}: {error}",
             upstream=name,
             kind=kind,
-            error=failure.getErrorMessage(),
+            error=describe_failure(failure),
             request_id=self._facts.request_id,
         )
         self._state.upstream_attempted(self._name, ok=False, failure=kind)
@@ -409,6 +416,7 @@ class Attempt:
             gate_seconds=gate_config.max_seconds,
             opened=self._commit,
             failed_early=self._retry_stream,
+            stall_seconds=self._state.runtime.config.server.client_stall_timeout_seconds,
         )
         response.deliverBody(self._relay)
 
@@ -521,8 +529,13 @@ def failure_kind(failure: Failure) -> str:
         return "credentials"
     if failure.check(ConnectionRefusedError, DNSLookupError, CancelledError):
         return "connect"
+    reasons = getattr(failure.value, "reasons", []) or []
+    if failure.check(ParseError, ResponseHeadTooLarge) or any(
+        reason.check(ParseError, ResponseHeadTooLarge) for reason in reasons
+    ):
+        return "bad_response"
     text = failure.getErrorMessage().lower()
-    for reason in getattr(failure.value, "reasons", []) or []:
+    for reason in reasons:
         text += " " + repr(reason.value).lower()
     if "ssl" in text or "tls" in text or "certificate" in text:
         return "tls"

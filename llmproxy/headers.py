@@ -7,8 +7,11 @@ hop-by-hop, framing the proxy recomputes, or (for CORS) the proxy's own.
 
 from __future__ import annotations
 
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
+
+log = Logger(namespace="llmproxy.headers")
 
 HOP_BY_HOP = frozenset(
     {
@@ -38,6 +41,21 @@ RESPONSE_DROP = frozenset({b"content-length", b"content-encoding"})
 """
 Response framing headers we compute ourselves. C{Content-Encoding} survives
 only when the body is passed through undecoded (see L{copy_response_headers}).
+"""
+
+
+MAX_RELAYED_HEADERS = 100
+"""Most upstream response header lines relayed to the client."""
+
+MAX_RELAYED_HEADER_BYTES = 32 << 10
+"""Most bytes of upstream response headers (names and values) relayed."""
+
+ALWAYS_RELAYED = frozenset(
+    {b"content-type", b"content-disposition", b"retry-after", b"x-request-id", b"request-id"}
+)
+"""
+Headers a client needs to read the answer, relayed ahead of the caps (their
+first value each), however many other headers an upstream sends first.
 """
 
 
@@ -86,32 +104,57 @@ def forward_request_headers(
 def copy_response_headers(response: IResponse, request: IRequest) -> bool:
     """
     Copy the upstream's response headers to C{request}, less hop-by-hop,
-    framing and CORS headers (the proxy owns CORS). Returns whether the body
-    is still encoded: treq decodes gzip and removes C{Content-Encoding}
-    itself, so one still present is an encoding we pass through untouched.
+    framing and CORS headers (the proxy owns CORS), and beyond
+    L{ALWAYS_RELAYED}, at most L{MAX_RELAYED_HEADERS} lines or
+    L{MAX_RELAYED_HEADER_BYTES} (the rest is dropped, with a warning).
+    Returns whether the body is still encoded: gzip is decoded below treq
+    (L{llmproxy.decoding}), which removes C{Content-Encoding}, so one still
+    present is an encoding we pass through untouched.
     """
     headers = response.headers
     skip = _skipped(headers, _RESPONSE_SKIP)
     copied = request.responseHeaders
+    lines = size = dropped = 0
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
         if lower in skip or lower.startswith(b"access-control-"):
             continue
-        copied.setRawHeaders(name, values)
+        if lower in ALWAYS_RELAYED:
+            copied.setRawHeaders(name, values[:1])
+            dropped += len(values) - 1
+            continue
+        kept = []
+        for value in values:
+            lines += 1
+            size += len(name) + len(value)
+            if lines > MAX_RELAYED_HEADERS or size > MAX_RELAYED_HEADER_BYTES:
+                dropped += 1
+            else:
+                kept.append(value)
+        if kept:
+            copied.setRawHeaders(name, kept)
+    if dropped:
+        log.warn(
+            "dropped {dropped} upstream response headers over the limit of "
+            "{lines} lines or {size} bytes",
+            dropped=dropped,
+            lines=MAX_RELAYED_HEADERS,
+            size=MAX_RELAYED_HEADER_BYTES,
+        )
     encodings = content_codings(headers)
     if encodings:
-        request.responseHeaders.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
+        copied.setRawHeaders(b"content-encoding", [b", ".join(encodings)])
         return True
     return False
 
 
 def content_codings(headers: Headers) -> list[bytes]:
     """
-    The content codings a response body is still encoded with: treq decodes
-    gzip and removes it, so one still named here is passed through
-    untouched (and not metered). Twisted's decoding agent leaves an empty
-    C{Content-Encoding} on every response that had none; only a real coding
-    counts.
+    The content codings a response body is still encoded with: gzip is
+    decoded below treq and removed, so one still named here is passed
+    through untouched (and not metered). Twisted's decoding agent leaves an
+    empty C{Content-Encoding} on every response that had none; only a real
+    coding counts.
     """
     return [
         token.strip()

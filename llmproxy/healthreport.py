@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmproxy.ratelimit import limiter_status
 from llmproxy.runtime import ProxyState
 
 
@@ -47,6 +48,11 @@ def health_report(state: ProxyState) -> dict[str, Any]:
         "version": state.build.version,
         "uptime_seconds": round(now - state.started_at, 3),
         "build": state.build.as_dict(),
+        "connections": {
+            "open": state.open_connections(),
+            "max": runtime.config.server.max_connections,
+        },
+        "rate_limiter": limiter_status(runtime.limiter),
         "providers": providers,
         "features": {
             "rate_limiting": features.rate_limiting.enabled,

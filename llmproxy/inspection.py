@@ -108,6 +108,8 @@ def inspect(
         inject_stream_usage=inject_stream_usage,
         sample_limit=sample_limit,
     )
+    if inspection.refusal is not None:
+        return BadRequest(inspection.refusal)
     secret = identity.credential(headers, target.query)
     facts = CallFacts(
         request_id=request_id,

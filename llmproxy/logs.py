@@ -28,6 +28,8 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError
 from zope.interface import implementer
 
 from llmproxy.config import Config
@@ -40,22 +42,38 @@ LEVELS: dict[str, LogLevel] = {
     "critical": LogLevel.critical,
 }
 
+_HEADERS = (
+    r"(?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization"
+    r"|x-amz-security-token)"
+)
+_SCHEME = r"(?:(?:bearer|basic)\s+)?"
+
 _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Authorization: Bearer <token> / Basic <token>.
-    (
-        re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])[A-Za-z0-9._~+/=-]{4,}"),
-        r"\1\2[REDACTED]",
-    ),
     # AWS SigV4: the signature (the access key id before it is no secret).
     (re.compile(r"(?i)\b(signature=)[0-9a-f]{16,}"), r"\1[REDACTED]"),
-    # Header-ish pairs: x-api-key: sk-..., "authorization": "...", (b'x-goog-api-key', [b'...']).
+    # A credential header's quoted value, whatever it holds, up to its closing
+    # quote: "authorization": "Bearer ...", (b'x-api-key', [b'...']).
     (
         re.compile(
-            r"(?i)((?:x-api-key|x-goog-api-key|api-key|proxy-authorization|authorization"
-            r"|x-amz-security-token)"
-            r"['\"]?\s*[:=,]\s*[\[(]?\s*(?:b?['\"])?)(?!\[REDACTED\]|bearer\b|basic\b)[^'\"\s,\])]+"
+            rf"(?is)({_HEADERS}['\"]?\s*[:=,]\s*[\[(]?\s*b?(['\"]){_SCHEME})"
+            r"(?!\[REDACTED\])(?:\\.|(?!\2)[^\\])+"
         ),
         r"\1[REDACTED]",
+    ),
+    # Its unquoted value, whatever it holds, to the end of the line (or of the
+    # JSON string the line is in): x-api-key: ..., Authorization: Bearer ...
+    (
+        re.compile(
+            rf"(?i)({_HEADERS}\s*[:=]\s*{_SCHEME})"
+            r"(?!\[REDACTED\]|b?['\"\[(])(?:[^\r\n\"\\]|\\[^rn])+"
+        ),
+        r"\1[REDACTED]",
+    ),
+    # Bearer <token> / Basic <token> anywhere else, to the next space or quote
+    # (escapes such as \xc3 included).
+    (
+        re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])(?:[^\s'\"\\]|\\.)+"),
+        r"\1\2[REDACTED]",
     ),
     # ?key=... / &key=... query parameters.
     (re.compile(r"(?i)([?&](?:key|api_key|api-key)=)[^&\s'\"]+"), r"\1[REDACTED]"),
@@ -184,6 +202,25 @@ class WholeLines:
 
     def flush(self) -> None:
         pass
+
+
+def describe_failure(failure: Failure) -> str:
+    """
+    A failure's text for a log line, without the bytes an upstream sent:
+    Twisted's response parse errors carry the raw status line or header
+    (which may echo a credential in any form), so for those only their
+    kind is told. The failures a response's Deferred wraps
+    (C{ResponseFailed}, C{ResponseNeverReceived}) are told one by one.
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        inner = "; ".join(
+            describe_failure(reason) for reason in reasons if isinstance(reason, Failure)
+        )
+        return f"{type(failure.value).__name__}: {inner}"
+    if failure.check(ParseError):
+        return f"{type(failure.value).__name__} (invalid upstream response; its bytes not logged)"
+    return failure.getErrorMessage() or type(failure.value).__name__
 
 
 FLUSH_SECONDS = 0.1

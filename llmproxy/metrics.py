@@ -243,6 +243,49 @@ class Metrics:
             # least closed of its live workers' (0 only when all are closed).
             multiprocess_mode="livemax",
         )
+        self.client_connections = Gauge(
+            "llmproxy_client_connections",
+            "Client connections open right now.",
+            registry=series,
+            multiprocess_mode="livesum",
+        )
+        self.client_dropped_total = Counter(
+            "llmproxy_client_dropped",
+            "Client connections refused or cut for what the client did: over_connection_limit, "
+            "header_timeout, body_too_slow, body_too_large, uri_too_long, headers_too_large, "
+            "bad_request, stalled_reading.",
+            ["reason"],
+            registry=series,
+        )
+        self.ratelimit_degraded_state = Gauge(
+            "llmproxy_ratelimit_degraded",
+            "1 while the shared rate-limit backend is in an outage and requests are decided "
+            "without it.",
+            ["backend"],
+            registry=series,
+            multiprocess_mode="livemax",
+        )
+        self.ratelimit_local_decisions = Counter(
+            "llmproxy_ratelimit_local_decisions",
+            "Requests decided without the shared rate-limit backend (during an outage, or a "
+            "call that failed).",
+            ["backend"],
+            registry=series,
+        )
+        self.ratelimit_tracked_scopes = Gauge(
+            "llmproxy_ratelimit_tracked_scopes",
+            "Scope-windows the memory rate limiter holds counters for.",
+            registry=series,
+            # With workers, the memory limiter lives in the master: its
+            # count is the one that matters (the workers' stay at zero).
+            multiprocess_mode="livemax",
+        )
+        self.ratelimit_scope_overflow_total = Counter(
+            "llmproxy_ratelimit_scope_overflow",
+            "Requests the memory limiter counted in a shared overflow scope because "
+            "max_tracked_scopes counters were held.",
+            registry=series,
+        )
         self.ratelimit_backend_errors = Counter(
             "llmproxy_ratelimit_backend_errors",
             "Rate-limit and budget backend calls that failed or timed out (fail_mode decided).",
@@ -430,6 +473,18 @@ class Metrics:
     def circuit_state(self, provider: str, upstream: str, model: str, state: int) -> None:
         label = self.model_label(provider, model) if model else ""
         self._child(self.circuit_states, provider, upstream, label).set(state)
+
+    def client_dropped(self, reason: str) -> None:
+        self._child(self.client_dropped_total, reason).inc()
+
+    def ratelimit_scope_overflow(self) -> None:
+        self.ratelimit_scope_overflow_total.inc()
+
+    def ratelimit_degraded(self, backend: str, degraded: bool) -> None:
+        self.ratelimit_degraded_state.labels(backend).set(1 if degraded else 0)
+
+    def ratelimit_local_decision(self, backend: str) -> None:
+        self._child(self.ratelimit_local_decisions, backend).inc()
 
     def ratelimit_backend_error(self, backend: str) -> None:
         self.ratelimit_backend_errors.labels(backend).inc()

@@ -11,7 +11,7 @@ What a request needs while it runs, split by lifetime:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
@@ -107,6 +107,10 @@ def publish_budgets(config: Config, metrics: Metrics) -> None:
     metrics.budget_keys({key.id for key in config.auth.keys}, limits)
 
 
+def _none_open() -> int:
+    return 0
+
+
 @define
 class ProxyState:
     """
@@ -120,6 +124,8 @@ class ProxyState:
     @ivar received: requests received since the start.
     @ivar group: in a worker of a group, its view of the whole group (what
         C{/health} reports); C{None} in a process of its own.
+    @ivar open_connections: how many client connections are open (the
+        site answers, once there is one).
     """
 
     clock: IReactorTime
@@ -141,6 +147,7 @@ class ProxyState:
     tracer: ITracer = NO_TRACER
     received: int = 0
     group: GroupView | None = None
+    open_connections: Callable[[], int] = _none_open
     _idle_waiters: list[Deferred[None]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:

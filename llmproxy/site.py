@@ -1,9 +1,9 @@
 # -*- test-case-name: llmproxy.test.test_call -*-
 """
-The HTTP server side: the L{ProxySite}, its request class (body cap and
+The HTTP server side: the L{ProxySite} and its request class (body cap and
 413 before the body is read, absolute-form targets, an access line per
-request) and its channel (so shutdown can find and close idle
-connections).
+request). Its connections are L{llmproxy.channel.ProxyChannel}s, which the
+site counts (for shutdown, and for C{server.max_connections}).
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import re
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 
 from llmproxy.accesslog import AccessLine
+from llmproxy.channel import HEALTH_PATHS, ProxyChannel
+from llmproxy.config import ServerConfig
 from llmproxy.cors import cors_headers
-from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.providers import ProviderFormat
 
 if TYPE_CHECKING:
@@ -29,50 +27,7 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="llmproxy.access")
 
-LINGER_SECONDS = 5.0
-"""After a 413, how long the rest of an upload is read and dropped before the
-connection is cut."""
-
 _ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
-
-
-class ProxyChannel(HTTPChannel):
-    """
-    An HTTP/1.1 connection that its site keeps track of while it is open.
-    """
-
-    site: ProxySite
-    _secure: bool | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.channels.add(self)
-
-    def isSecure(self) -> bool:
-        """
-        Whether the connection is TLS: asked for every forwarded request
-        (C{X-Forwarded-Proto}), answered once per connection, as a
-        connection's transport never changes.
-        """
-        if self._secure is None:
-            self._secure = bool(super().isSecure())
-        return self._secure
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.site.channels.discard(self)
-        super().connectionLost(reason)
-
-    def request_target(self) -> bytes:
-        """
-        The target of the request whose headers were just received.
-
-        Twisted hands it to the request only once the body is in; the proxy
-        needs it earlier, to answer 413 before reading the body in the
-        format of the provider the path names. There is no public way:
-        this one method reads the channel's private copy.
-        """
-        target: bytes = getattr(self, "_path", b"") or b""
-        return target
 
 
 class ProxyRequest(server.Request):
@@ -91,7 +46,6 @@ class ProxyRequest(server.Request):
     channel: ProxyChannel
     _received = 0
     _rejected = False
-    _linger: IDelayedCall | None = None
 
     def __init__(self, channel: ProxyChannel, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -100,12 +54,29 @@ class ProxyRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
-        if length is not None and length > self.channel.site.max_body_bytes():
+        channel = self.channel
+        if channel.reserve:
+            # Accepted above server.max_connections: /health, or 503.
+            channel.persistent = False
+            if origin_form(channel.request_target()).split(b"?", 1)[0] not in HEALTH_PATHS:
+                self._rejected = True
+                channel.refuse(
+                    503,
+                    "Too many open connections; try again shortly.",
+                    reason="over_connection_limit",
+                    path=origin_form(channel.request_target()),
+                    origin=self.requestHeaders.getRawHeaders(b"origin", [None])[0],
+                    headers=((b"retry-after", b"1"),),
+                )
+                return
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if length is not None and length > channel.site.max_body_bytes():
             self._reject_too_large()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
+        self.channel.body_received(len(data))
         self._received += len(data)
         if self._received > self.channel.site.max_body_bytes():
             self._chunks = []
@@ -127,57 +98,29 @@ class ProxyRequest(server.Request):
     def _reject_too_large(self) -> None:
         """
         Answer 413 before the body is read, in the format of the provider
-        the path names, then stop reading.
-
-        The response is written straight to the transport because the
-        request line has not been handed to this request yet. Writing is
-        half-closed, and the rest of the upload is read and discarded until
-        the client closes (or a few seconds pass), so the client sees the 413
-        instead of a reset.
+        the path names, then stop reading (L{ProxyChannel.refuse}).
         """
         if self._rejected:
             return
         self._rejected = True
-        site = self.channel.site
-        path = origin_form(self.channel.request_target())
-        limit = site.max_body_bytes()
-        message = f"Request body is larger than the limit of {limit} bytes."
-        fmt = site.error_format_for(path)
-        body = error_body(fmt, 413, message)
-        headers = [
-            b"HTTP/1.1 413 Payload Too Large",
-            b"content-type: application/json",
-            b"content-length: %d" % len(body),
-            ERROR_SOURCE_HEADER + b": proxy",
-            b"connection: close",
-        ]
-        if fmt is not None:
-            headers.extend(name + b": " + value for name, value in fmt.error_headers(413))
-        origin = self.requestHeaders.getRawHeaders(b"origin", [None])[0]
-        for name, value in site.cors_headers(origin):
-            headers.append(name + b": " + value)
+        channel = self.channel
+        path = origin_form(channel.request_target())
+        limit = channel.site.max_body_bytes()
         # No "100 Continue" for a request we refuse.
         self.requestHeaders.removeHeader(b"expect")
-        transport: Any = self.channel.transport
-        transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        lose_write = getattr(transport, "loseWriteConnection", None)
-        if lose_write is not None:
-            lose_write()
-        else:
-            transport.loseConnection()
-        self._linger = site.state.clock.callLater(LINGER_SECONDS, transport.abortConnection)
+        channel.refuse(
+            413,
+            f"Request body is larger than the limit of {limit} bytes.",
+            reason="body_too_large",
+            path=path,
+            origin=self.requestHeaders.getRawHeaders(b"origin", [None])[0],
+        )
         log.info(
             "413 {path} request body over {limit} bytes",
             path=path.split(b"?", 1)[0].decode("latin-1"),
             limit=limit,
             status=413,
         )
-
-    def connectionLost(self, reason: Failure) -> None:
-        linger = self._linger
-        if linger is not None and linger.active():
-            linger.cancel()
-        super().connectionLost(reason)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
@@ -205,7 +148,8 @@ class ProxySite(server.Site):
     """
     The Site: our request and channel classes, no Combined Log Format lines
     (they would carry C{?key=} credentials; the access log is ours), and the
-    open connections, so shutdown can close idle keep-alive ones.
+    open connections, so shutdown can close idle keep-alive ones and
+    C{server.max_connections} can be kept.
 
     @ivar channels: the open connections.
     """
@@ -226,8 +170,11 @@ class ProxySite(server.Site):
         Twisted's access log is replaced by ours (L{llmproxy.accesslog}).
         """
 
+    def server(self) -> ServerConfig:
+        return self.state.runtime.config.server
+
     def max_body_bytes(self) -> int:
-        return self.state.runtime.config.server.max_body_bytes
+        return self.server().max_body_bytes
 
     def error_format_for(self, target: bytes) -> ProviderFormat | None:
         """
@@ -237,7 +184,25 @@ class ProxySite(server.Site):
         return found.upstream.format if found is not None else None
 
     def cors_headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
-        return cors_headers(self.state.runtime.config.server.cors.allow_origins, origin)
+        return cors_headers(self.server().cors.allow_origins, origin)
+
+    def reclaim_idle(self) -> bool:
+        """
+        Close one keep-alive connection that waits for its next request, to
+        make room for a new one; whether there was one.
+        """
+        for channel in self.channels:
+            if channel.idle() and channel.transport is not None:
+                self.channels.discard(channel)
+                channel.transport.loseConnection()
+                return True
+        return False
+
+    def dropped(self, reason: str) -> None:
+        """
+        A connection was refused or cut for what its client did (or did not).
+        """
+        self.state.metrics.client_dropped(reason)
 
 
 def make_site(state: ProxyState, resource: IResource, request_timeout: float = 60.0) -> ProxySite:
@@ -249,4 +214,5 @@ def make_site(state: ProxyState, resource: IResource, request_timeout: float = 6
     site = ProxySite(resource, state, reactor=state.clock)
     site.timeOut = request_timeout
     site.noisy = False
+    state.open_connections = lambda: len(site.channels)
     return site

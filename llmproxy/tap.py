@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -41,6 +42,7 @@ from llmproxy.ratelimit import (
     limiter_for,
     rate_limits_for,
     reconfigure_limiter,
+    tracked_scopes,
 )
 from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
@@ -52,6 +54,9 @@ from llmproxy.web import gateway_site
 from llmproxy.webhook import json_poster
 
 log = Logger(namespace="llmproxy.tap")
+
+GAUGE_SAMPLE_SECONDS = 1.0
+"""How often the gauges that count held things (connections, scopes) are set."""
 
 
 class Options(usage.Options):
@@ -226,6 +231,13 @@ def build_service(
         tracer=tracer,
     )
     site = gateway_site(state)
+
+    def sample_gauges() -> None:
+        # Set on a timer, not with set_function: in a group of workers a
+        # gauge's value must be written to the worker's metrics file.
+        metrics.ratelimit_tracked_scopes.set(tracked_scopes(state.runtime.limiter))
+        metrics.client_connections.set(state.open_connections())
+
     limiter_children = _limiter_services(limiter, config, reactor)
     spend_children = spend_services(spend)
     stores = {"spend": spend}
@@ -277,6 +289,9 @@ def build_service(
     for child in [*limiter_children, *spend_children, alerts]:
         child.setServiceParent(service)
     TracerService(tracer).setServiceParent(service)
+    gauges = TimerService(GAUGE_SAMPLE_SECONDS, sample_gauges)
+    gauges.clock = reactor
+    gauges.setServiceParent(service)
     return service
 
 

@@ -22,17 +22,21 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    _HTTP11ClientFactory,
 )
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from llmproxy.cloudauth import with_proxy_credentials
 from llmproxy.config import ProviderConfig
+from llmproxy.decoding import GunzipAgent
 from llmproxy.providers import ProviderFormat, provider_format
 
 POOL_IDLE_PER_HOST = 64
@@ -49,12 +53,69 @@ timeouts of the providers' front ends, so we never write into a connection the
 server is closing."""
 
 
+MAX_RESPONSE_HEAD = 64 << 10
+"""
+Largest upstream status line and header section read: beyond it the
+response is given up as invalid (an upstream could otherwise send headers
+without end until the first-byte timeout).
+"""
+
+
+class ResponseHeadTooLarge(Exception):  # noqa: N818 - reads as what happened
+    """
+    The upstream's response head exceeded L{MAX_RESPONSE_HEAD}.
+    """
+
+
+class BoundedHeadProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client connection, giving up on a response whose
+    head grows past L{MAX_RESPONSE_HEAD} (Twisted caps each line at 16 KiB
+    but not their number).
+
+    It reads the parser's state, which Twisted does not make public; the
+    tests of L{llmproxy.upstream} would notice a change.
+    """
+
+    _counted: object = None
+    _head = 0
+
+    def dataReceived(self, bytes: bytes) -> None:
+        parser = self._parser
+        in_head = parser is not None and getattr(parser, "state", None) in (STATUS, HEADER)
+        super().dataReceived(bytes)
+        if not in_head or self._parser is not parser:
+            return
+        if getattr(parser, "state", None) not in (STATUS, HEADER):
+            return
+        if parser is not self._counted:
+            self._counted, self._head = parser, 0
+        self._head += len(bytes)
+        if self._head > MAX_RESPONSE_HEAD:
+            self._giveUp(
+                Failure(ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes"))
+            )
+
+
+class _BoundedFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr: object) -> HTTP11ClientProtocol:
+        return BoundedHeadProtocol(self._quiescentCallback)
+
+
+class BoundedPool(HTTPConnectionPool):
+    """
+    A connection pool whose connections are L{BoundedHeadProtocol}s.
+    """
+
+    _factory = _BoundedFactory
+
+
 def make_pool(reactor: object) -> HTTPConnectionPool:
     """
     The one connection pool every upstream client shares; the pool keys idle
     connections by (scheme, host, port), so sharing it costs nothing.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = BoundedPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_IDLE_PER_HOST
     pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
     pool.retryAutomatically = False
@@ -136,7 +197,10 @@ def pooled_agents(reactor: Any, pool: HTTPConnectionPool) -> AgentFactory:
     def make(provider: ProviderConfig) -> IAgent:
         endpoints = CachedEndpoints(reactor, provider.timeouts.connect_seconds)
         agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        return with_proxy_credentials(provider, agent, reactor, in_thread)
+        # Gunzip below treq's own decoding, which then finds it already
+        # undone; the credentials (a signature) go on the request above.
+        decoded = GunzipAgent(agent, cast(Any, reactor))
+        return with_proxy_credentials(provider, decoded, reactor, in_thread)
 
     def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
         result: Deferred[Any] = deferToThreadPool(reactor, reactor.getThreadPool(), work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from klein import Klein
@@ -148,6 +149,16 @@ class GatewayRoot(Resource):
             ):
                 request.setHeader(name, value)
             return b""
+        if not _decodable(request.path or b""):
+            # The router needs text; a provider path is forwarded raw anyway.
+            runtime = state.runtime
+            target = runtime.routes.match(request.uri)
+            if target is not None:
+                return ProviderResource(target, runtime, state).render(request)
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(ERROR_SOURCE_HEADER, b"proxy")
+            return error_body(None, 400, "The path is not UTF-8 once percent-decoded.")
         return self._app.render(request)
 
     def _finished(self, result: object, request: ProxyRequest, started: float) -> None:
@@ -159,6 +170,17 @@ class GatewayRoot(Resource):
             complete=not isinstance(result, Failure),
             sent=request.sentLength,
         )
+
+
+def _decodable(path: bytes) -> bool:
+    """
+    Whether C{path}, percent-decoded, is UTF-8 (what the router reads).
+    """
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def gateway_site(state: ProxyState, request_timeout: float = 60.0) -> ProxySite:

@@ -22,12 +22,36 @@ from llmproxy.config.errors import ConfigError, KeyPath, Locate, error_line, seg
 from llmproxy.config.model import Config
 from llmproxy.config.validate import validate
 
+MAX_VALUES = 100_000
+"""
+Most values a configuration file may hold once its YAML aliases and merge
+keys are expanded: a few hundred bytes of nested aliases can otherwise
+stand for billions of values.
+"""
+
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists a configuration file may have."""
+
 
 class _Loader(yaml.SafeLoader):
     """
     PyYAML's safe loader, except that a key given twice in one mapping is an
-    error (PyYAML silently keeps the last, hiding a typo'd override).
+    error (PyYAML silently keeps the last, hiding a typo'd override), and
+    that merge keys (C{<<}) may not expand past L{MAX_VALUES} entries in all.
     """
+
+    _entries = 0
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        super().flatten_mapping(node)
+        self._entries += len(node.value)
+        if self._entries > MAX_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"mappings (with their merge keys) expand past {MAX_VALUES} entries",
+                node.start_mark,
+            )
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
@@ -108,6 +132,9 @@ def _read_yaml(source: str, errors: list[str]) -> dict[str, object] | None:
     try:
         with open(source, "rb") as stream:
             data = yaml.load(stream, Loader=_Loader)  # a SafeLoader subclass
+    except RecursionError:
+        errors.append(f"{source}: invalid YAML: nested too deeply (at most {MAX_DEPTH} levels)")
+        return None
     except OSError as error:
         errors.append(f"{source}: cannot read the file: {error.strerror or error}")
         return None
@@ -125,7 +152,34 @@ def _read_yaml(source: str, errors: list[str]) -> dict[str, object] | None:
     if not isinstance(data, dict):
         errors.append(f"{source}: (top level): expected a mapping, got {show(data)}")
         return None
+    oversize = _too_large(data)
+    if oversize is not None:
+        errors.append(f"{source}: invalid YAML: {oversize}")
+        return None
     return data
+
+
+def _too_large(data: object) -> str | None:
+    """
+    Why C{data} is too large to work with, if it is: more than
+    L{MAX_VALUES} values once every alias is counted where it is used, or
+    nesting deeper than L{MAX_DEPTH}. The walk stops at the limit, so an
+    alias bomb costs no more than a legitimate file.
+    """
+    count = 0
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return f"expands to more than {MAX_VALUES} values (through YAML aliases?)"
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return None
 
 
 def _load_file(

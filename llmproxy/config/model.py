@@ -230,6 +230,13 @@ class ServerConfig:
         plugin falls back to C{tcp:$PORT} and then C{tcp:9002}.
     @ivar workers: how many processes accept on the listeners; above 1, a
         master process supervises them (see L{llmproxy.group}).
+    @ivar max_connections: client connections served at once (see
+        L{llmproxy.channel} for this and the deadlines below).
+    @ivar header_timeout_seconds: how long a request head may take.
+    @ivar body_timeout_seconds: how long a request body may take, plus one
+        second per C{min_body_rate_bytes_per_second} bytes it delivered.
+    @ivar client_stall_timeout_seconds: how long a client may leave a
+        response unread before it is dropped.
     """
 
     listen: tuple[str, ...] = ()
@@ -240,6 +247,11 @@ class ServerConfig:
     cors: CorsConfig = Factory(CorsConfig)
     forwarded_headers: bool = True
     status: StatusConfig = Factory(StatusConfig)
+    max_connections: int = 1000
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    min_body_rate_bytes_per_second: int = 1024
+    client_stall_timeout_seconds: float = 120.0
 
 
 @frozen
@@ -285,21 +297,34 @@ class Estimation:
 @frozen
 class RedisConfig:
     """
-    @ivar timeout_ms: how long one limiter call may wait on Redis before
-        C{fail_mode} decides.
+    @ivar timeout_ms: how long one limiter call may go unanswered before it
+        counts as a failure (it still waits for its answer).
+    @ivar outage_after_failures: failures in a row that make an outage,
+        during which requests are decided without Redis (by C{fail_mode}).
+    @ivar outage_limit_fraction: during an outage with C{fail_mode: open},
+        the fraction of each limit this instance enforces on its own.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
-    timeout_ms: int = 50
+    timeout_ms: int = 250
+    outage_after_failures: int = 3
+    outage_limit_fraction: float = 1.0
 
 
 @frozen
 class RateLimitConfig:
+    """
+    @ivar max_tracked_scopes: scope-windows the memory backend keeps
+        counters for; beyond it, new client-named scopes share one counter
+        per kind (see L{llmproxy.ratelimit.memory}).
+    """
+
     enabled: bool = False
     backend: Literal["memory", "redis"] = "memory"
     redis: RedisConfig = Factory(RedisConfig)
     fail_mode: Literal["open", "closed"] = "open"
     sweep_interval_seconds: float = 30.0
+    max_tracked_scopes: int = 100000
     limits: Limits = Factory(Limits)
     overrides: RateLimitOverrides = Factory(RateLimitOverrides)
     estimation: Estimation = Factory(Estimation)

@@ -66,6 +66,35 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
         "Secret (16+ characters) the page then needs, as `Authorization: Bearer` or `?token=`; "
         "without one the page answers only clients on this machine",
     ),
+    (
+        "server.max_connections",
+        None,
+        "Client connections served at once; idle keep-alive ones are closed to make room, "
+        "then new ones get 503 (`/health` still answers)",
+    ),
+    (
+        "server.header_timeout_seconds",
+        None,
+        "A request head must arrive within this from its first byte (from the connection's "
+        "opening for its first request), else 408",
+    ),
+    (
+        "server.body_timeout_seconds",
+        None,
+        "A request body may take this long, plus 1 s for each "
+        "`min_body_rate_bytes_per_second` it delivered, else 408",
+    ),
+    (
+        "server.min_body_rate_bytes_per_second",
+        None,
+        "The slowest average upload rate accepted after `body_timeout_seconds`",
+    ),
+    (
+        "server.client_stall_timeout_seconds",
+        None,
+        "A client that reads none of a response for this long is dropped (a client fault, "
+        "not an upstream one)",
+    ),
     ("logging.format", None, "`text` or `json` (one JSON object per line)"),
     ("logging.level", None, "`debug`, `info`, `warn`, `error` or `critical`"),
     (f"{_P}.enabled", None, "Mount the provider at `/<name>/`; `false` answers 404 there"),
@@ -204,14 +233,34 @@ _REFERENCE_ROWS: tuple[tuple[str, str | None, str], ...] = (
     (
         f"{_RL}.redis.timeout_ms",
         None,
-        "How long a limiter call may wait for Redis before `fail_mode`",
+        "A Redis call unanswered this long counts as a failure (its request still waits for "
+        "the answer)",
+    ),
+    (
+        f"{_RL}.redis.outage_after_failures",
+        None,
+        "Failures in a row that make an outage (so does losing every connection): requests "
+        "are then decided without Redis, by `fail_mode`",
+    ),
+    (
+        f"{_RL}.redis.outage_limit_fraction",
+        None,
+        "During an outage with `fail_mode: open`, the share of each limit this instance "
+        "enforces on its own (1/N for a fleet of N)",
     ),
     (
         f"{_RL}.fail_mode",
         None,
-        "When the backend is unreachable: `open` admits requests, `closed` refuses them",
+        "During a Redis outage: `open` admits within the local share of each limit, "
+        "`closed` refuses (503)",
     ),
     (f"{_RL}.sweep_interval_seconds", None, "How often the memory backend drops idle scopes"),
+    (
+        f"{_RL}.max_tracked_scopes",
+        None,
+        "Scope-windows the memory backend counts separately (about 600 bytes each); beyond, "
+        "new users, keys and models share one counter per kind",
+    ),
     (f"{_RL}.limits.requests_per_minute", None, "Per scope; `0` = unlimited"),
     (f"{_RL}.limits.tokens_per_minute", None, "Per scope; `0` = unlimited"),
     (f"{_RL}.limits.requests_per_day", None, "Per scope; `0` = unlimited"),

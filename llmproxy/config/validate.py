@@ -151,6 +151,11 @@ _SERVER_KEYS: Mapping[str, Parser] = {
     "cors": nested(CorsConfig, {"allow_origins": string_list}),
     "forwarded_headers": boolean,
     "status": nested(StatusConfig, _STATUS_KEYS),
+    "max_connections": positive_count,
+    "header_timeout_seconds": positive_amount,
+    "body_timeout_seconds": positive_amount,
+    "min_body_rate_bytes_per_second": positive_count,
+    "client_stall_timeout_seconds": positive_amount,
 }
 
 LOG_FORMATS = ("text", "json")
@@ -460,9 +465,22 @@ _ESTIMATION_KEYS: Mapping[str, Parser] = {
     "optimistic_first_request": boolean,
 }
 
+
+def _fraction(ck: Checker, path: KeyPath, value: object) -> float | Invalid:
+    """
+    A number in (0, 1].
+    """
+    number: float | Invalid = positive_amount(ck, path, value)
+    if isinstance(number, Invalid) or number <= 1:
+        return number
+    return ck.fail(path, "expected a number > 0 and <= 1", value)
+
+
 _REDIS_KEYS: Mapping[str, Parser] = {
     "url": redis_url,
     "timeout_ms": positive_count,
+    "outage_after_failures": positive_count,
+    "outage_limit_fraction": _fraction,
 }
 
 
@@ -477,6 +495,7 @@ def _rate_limiting(ck: Checker, path: KeyPath, value: object) -> RateLimitConfig
         "redis": nested(RedisConfig, _REDIS_KEYS),
         "fail_mode": choice("open", "closed"),
         "sweep_interval_seconds": positive_amount,
+        "max_tracked_scopes": positive_count,
         "limits": lambda ck, p, v: limits,
         "overrides": lambda ck, p, v: _overrides(ck, p, v, limits),
         "estimation": nested(Estimation, _ESTIMATION_KEYS),

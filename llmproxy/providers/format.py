@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import orjson
 from attrs import evolve, frozen
 
+from llmproxy.providers.keyscan import TooComplexError, TopLevel, top_level
 from llmproxy.providers.meters import Meter, NullMeter, Tally, new_tally
 from llmproxy.providers.wire import decode_path, is_json_type, loads, media_type, parse_json_body
 from llmproxy.sse import Event
@@ -33,6 +34,32 @@ and message to the bytes that end the stream, or L{None} when no bytes can
 
 GENERATION_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose responses can report usage; C{GET} only re-reads old results."""
+
+PARSE_LIMIT = 1 << 20
+"""
+Request bodies up to this many bytes (1 MiB) are parsed whole; larger ones
+only have their top-level keys read (L{llmproxy.providers.keyscan.top_level}),
+so one request never costs more than a small multiple of its size in
+memory, nor stalls the process while it is read.
+"""
+
+MAX_NAME_CHARS = 256
+"""Longest model or user name taken from a body (longer ones are cut)."""
+
+BODY_KEYS = (
+    "model",
+    "stream",
+    "stream_options",
+    "user",
+    "safety_identifier",
+    "metadata",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "generationConfig",
+    "generation_config",
+)
+"""The top-level body keys any format reads (for bodies above L{PARSE_LIMIT})."""
 
 
 @frozen
@@ -77,11 +104,14 @@ class Inspection:
         rewrote it (OpenAI streams asked for their usage).
     @ivar strip_usage_chunk: the response carries a usage-only event the
         client did not ask for, which its meter must remove.
+    @ivar refusal: why the request cannot be forwarded (a body too complex
+        to inspect), or L{None}.
     """
 
     facts: RequestFacts
     body: bytes
     strip_usage_chunk: bool = False
+    refusal: str | None = None
 
 
 class StreamEvent(enum.Enum):
@@ -105,11 +135,14 @@ class ProviderFormat(abc.ABC):
     @cvar id_headers: response headers carrying the upstream request id, in
         order of preference.
     @cvar unmetered_endpoints: endpoints whose responses never carry usage.
+    @cvar body_keys: the top-level body keys L{describe} reads: of a body
+        above L{PARSE_LIMIT}, only these are read and handed to it.
     """
 
     kind: str
     id_headers: tuple[str, ...] = ()
     unmetered_endpoints: frozenset[str] = frozenset()
+    body_keys: tuple[str, ...] = BODY_KEYS
 
     def inspect(
         self,
@@ -124,6 +157,11 @@ class ProviderFormat(abc.ABC):
         """
         Read a client request; never raises, whatever the input.
 
+        A body up to L{PARSE_LIMIT} bytes is parsed; a larger one only has
+        the L{body_keys} of its top level read, and a larger one too
+        complex even for that (see L{llmproxy.providers.keyscan.top_level})
+        comes back with a L{refusal<Inspection.refusal>}.
+
         @param path: the raw, still percent-encoded path after the mount
             prefix, without the query (C{b"/v1/chat/completions"}).
         @param query: the raw query string without C{?}, possibly C{b""}.
@@ -134,13 +172,28 @@ class ProviderFormat(abc.ABC):
         """
         verb = method.decode("ascii", "replace").upper()
         try:
-            body_json = parse_json_body(body)
-            facts = self.describe(verb, decode_path(path), query, body_json)
-            if len(body) <= sample_limit:
+            top: TopLevel | None = None
+            if len(body) <= PARSE_LIMIT:
+                body_json = parse_json_body(body)
+            else:
+                top = top_level(body, self.body_keys)
+                body_json = top.values if top is not None else None
+            facts = _bounded(self.describe(verb, decode_path(path), query, body_json))
+            if top is None and len(body) <= sample_limit:
                 facts = evolve(facts, prompt_chars=self.prompt_chars(facts, body_json))
             rewritten = None
             if inject_stream_usage and facts.streaming:
-                rewritten = self.ask_stream_usage(facts, body_json)
+                if top is None:
+                    rewritten = self.ask_stream_usage(facts, body_json)
+                else:
+                    rewritten = self.ask_stream_usage_unparsed(facts, body, top)
+        except TooComplexError as error:
+            return Inspection(
+                RequestFacts(method=verb),
+                body,
+                refusal=f"Request body too complex to inspect ({error} in a body over "
+                f"{PARSE_LIMIT} bytes).",
+            )
         except Exception:
             return Inspection(RequestFacts(method=verb), body)
         if rewritten is None:
@@ -245,6 +298,15 @@ class ProviderFormat(abc.ABC):
         """
         return None
 
+    def ask_stream_usage_unparsed(
+        self, facts: RequestFacts, body: bytes, top: TopLevel
+    ) -> bytes | None:
+        """
+        L{ask_stream_usage} for a body above L{PARSE_LIMIT}, rewritten in
+        place (C{top} says where its top-level keys lie), or L{None}.
+        """
+        return None
+
     @abc.abstractmethod
     def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
         """
@@ -272,3 +334,20 @@ class ProviderFormat(abc.ABC):
         """
         Complete SSE bytes that make this provider's SDK raise mid-stream.
         """
+
+
+def _bounded(facts: RequestFacts) -> RequestFacts:
+    """
+    Cut client-chosen names to L{MAX_NAME_CHARS}: they become metric
+    labels, limiter scopes and Redis key names.
+    """
+    model, user = facts.model, facts.user
+    if (model is None or len(model) <= MAX_NAME_CHARS) and (
+        user is None or len(user) <= MAX_NAME_CHARS
+    ):
+        return facts
+    return evolve(
+        facts,
+        model=model[:MAX_NAME_CHARS] if model is not None else None,
+        user=user[:MAX_NAME_CHARS] if user is not None else None,
+    )

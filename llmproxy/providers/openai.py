@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import orjson
 
 from llmproxy.providers.format import ProviderFormat, RequestFacts, StreamEvent
-from llmproxy.providers.keyscan import KeyScanner
+from llmproxy.providers.keyscan import KeyScanner, TopLevel
 from llmproxy.providers.meters import Extractor, JSONBodyMeter, Meter, SSEMeter, Tally
 from llmproxy.providers.prompt import text_chars
 from llmproxy.providers.wire import as_int, as_str, dig, first_limit, json_string, loads
@@ -122,7 +122,7 @@ def describe_openai(method: str, segments: list[str], body: object | None) -> Re
     The facts of an OpenAI-style request, shared with the OpenAI-compatible
     endpoints of other providers.
     """
-    model = user = None
+    model = user = limit = None
     streaming = False
     if isinstance(body, dict):
         model = as_str(body.get("model"))
@@ -343,6 +343,18 @@ def openai_stream_event(facts: RequestFacts, event: Event) -> StreamEvent:
     return StreamEvent.PRELUDE
 
 
+def _usage_options(options: object) -> dict[str, object] | None:
+    """
+    The client's C{stream_options} with C{include_usage} set, or L{None}
+    when it is already set (or the options are not an object).
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    return {**options, "include_usage": True}
+
+
 def openai_meter_for(facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
     """
     The meter for an OpenAI-style response, shared with the
@@ -380,17 +392,35 @@ class OpenAIFormat(ProviderFormat):
         """
         if facts.endpoint not in STREAM_USAGE_ENDPOINTS or not isinstance(body, dict):
             return None
-        options = body.get("stream_options")
+        options = _usage_options(body.get("stream_options"))
         if options is None:
-            options = {}
-        if not isinstance(options, dict) or options.get("include_usage") is True:
             return None
         rewritten = dict(body)
-        rewritten["stream_options"] = {**options, "include_usage": True}
+        rewritten["stream_options"] = options
         try:
             return orjson.dumps(rewritten)
         except (TypeError, ValueError):
             return None
+
+    def ask_stream_usage_unparsed(
+        self, facts: RequestFacts, body: bytes, top: TopLevel
+    ) -> bytes | None:
+        """
+        L{ask_stream_usage} for a body too large to parse: the new
+        C{stream_options} is written over the old one's bytes, or inserted
+        as the object's first member when there is none (the scan proved
+        there is none at the top level).
+        """
+        if facts.endpoint not in STREAM_USAGE_ENDPOINTS:
+            return None
+        span = top.spans.get("stream_options")
+        if span is None:
+            member = b'"stream_options":{"include_usage":true},'
+            return body[: top.inside] + member + body[top.inside :]
+        options = _usage_options(top.values.get("stream_options"))
+        if options is None or span[1] <= span[0]:
+            return None
+        return body[: span[0]] + orjson.dumps(options) + body[span[1] :]
 
     def meter_for(self, facts: RequestFacts, tally: Tally, sse: bool, strip: bool) -> Meter:
         return openai_meter_for(facts, tally, sse, strip)

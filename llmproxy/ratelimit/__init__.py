@@ -28,7 +28,7 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
 )
-from llmproxy.ratelimit.redis_backend import RedisRateLimiter
+from llmproxy.ratelimit.redis_backend import RateLimitMetrics, RedisRateLimiter
 from llmproxy.ratelimit.remote import RemoteRateLimiter
 
 __all__ = [
@@ -44,30 +44,22 @@ __all__ = [
     "Reservation",
     "estimate_tokens",
     "limiter_for",
+    "limiter_status",
     "rate_limits_for",
     "reconfigure_limiter",
     "services_for",
     "sweeper_service",
+    "tracked_scopes",
 ]
 
 
-class BackendErrorCounter(Protocol):
+class LimiterMetrics(RateLimitMetrics, Protocol):
     """
-    Something that counts rate-limit backend errors by backend name (the
-    proxy's metrics).
+    What the limiters report (the proxy's L{llmproxy.metrics.Metrics}):
+    the Redis backend's errors and outages, the memory backend's overflow.
     """
 
-    def ratelimit_backend_error(self, backend: str) -> None: ...
-
-
-MetricsHook = Callable[[], object] | BackendErrorCounter | None
-
-
-def _hook(metrics: MetricsHook) -> Callable[[], object] | None:
-    if metrics is None or callable(metrics):
-        return metrics
-    counter = metrics
-    return lambda: counter.ratelimit_backend_error("redis")
+    def ratelimit_scope_overflow(self) -> None: ...
 
 
 def rate_limits_for(config: Config) -> RateLimitConfig:
@@ -100,7 +92,7 @@ counters seen through L{llmproxy.ratelimit.remote}.
 def limiter_for(
     config: RateLimitConfig,
     reactor: IReactorTime,
-    metrics: MetricsHook = None,
+    metrics: LimiterMetrics | None = None,
     memory: MemoryBackend | None = None,
 ) -> IRateLimiter | None:
     """
@@ -108,19 +100,40 @@ def limiter_for(
 
     Run what L{services_for} returns for it as child services.
 
-    @param metrics: for a Redis limiter, told about each backend error the
-        caller does not see (see L{RedisRateLimiter}): a callable, or an
-        object with C{ratelimit_backend_error(backend)}.
+    @param metrics: told about backend errors, outages and overflow.
     @param memory: builds the C{memory} backend's limiter (see
         L{MemoryBackend}).
     """
     if not config.enabled:
         return None
     if config.backend == "redis":
-        return RedisRateLimiter(config, reactor, reactor, _hook(metrics))
+        return RedisRateLimiter(config, reactor, reactor, metrics)
     if memory is not None:
         return memory(config)
-    return MemoryRateLimiter(config, reactor)
+    overflowed = None if metrics is None else metrics.ratelimit_scope_overflow
+    return MemoryRateLimiter(config, reactor, overflowed)
+
+
+def limiter_status(limiter: object) -> dict[str, object] | None:
+    """
+    What C{/health} says about the limiter (an L{IRateLimiter} or L{None}):
+    its backend and state.
+    """
+    if isinstance(limiter, RedisRateLimiter):
+        return limiter.status()
+    if isinstance(limiter, MemoryRateLimiter):
+        return {"backend": "memory", "state": "ok", "tracked_scopes": len(limiter)}
+    if isinstance(limiter, RemoteRateLimiter):
+        return {"backend": "memory", "state": "ok", "held_by": "master"}
+    return None
+
+
+def tracked_scopes(limiter: IRateLimiter | None) -> int:
+    """
+    How many scope-windows a memory limiter holds counters for (0 for any
+    other limiter).
+    """
+    return len(limiter) if isinstance(limiter, MemoryRateLimiter) else 0
 
 
 def services_for(
@@ -147,7 +160,7 @@ def reconfigure_limiter(
     old: RateLimitConfig,
     new: RateLimitConfig,
     reactor: IReactorTime,
-    metrics: MetricsHook = None,
+    metrics: LimiterMetrics | None = None,
     memory: MemoryBackend | None = None,
 ) -> IRateLimiter | None:
     """

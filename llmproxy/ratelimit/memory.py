@@ -9,14 +9,23 @@ L{MemoryRateLimiter.sweep}, which L{sweeper_service} runs on a timer, so
 memory is bounded by the scopes active in the last day (or minute, when
 only per-minute limits are set).
 
+Clients choose the names of three kinds of scope (users, keys, models), so
+the number of counters is also capped (C{max_tracked_scopes}): once that
+many are held, a request whose user, key or model has no counter yet is
+counted in one shared counter of that kind, C{user:(overflow)} and so on,
+with its own scope's limits. Nobody escapes a limit that way (the shared
+counter is only stricter); the newcomers share their allowance until a
+sweep frees room; scopes already counted are not affected.
+
 Everything here runs in the reactor thread and completes synchronously: the
 Deferreds it returns have already fired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from attrs import evolve
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -40,6 +49,12 @@ from llmproxy.ratelimit.policy import (
 )
 
 log = Logger()
+
+OVERFLOW = "(overflow)"
+"""The name shared by new scopes of one kind once the counters are full."""
+
+CLIENT_NAMED = ("user:", "key:", "model:")
+"""Scope kinds whose names the clients choose."""
 
 
 class _Counter:
@@ -130,10 +145,20 @@ class MemoryRateLimiter:
     @ivar _counters: window name -> scope string -> counter.
     """
 
-    def __init__(self, config: RateLimitConfig, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        clock: IReactorTime,
+        overflowed: Callable[[], object] | None = None,
+    ) -> None:
+        """
+        @param overflowed: called for each request counted in an overflow
+            counter (for C{llmproxy_ratelimit_scope_overflow_total}).
+        """
         self._config = config
         self._tracked = TrackedCache(config)
         self._clock = clock
+        self._overflowed = overflowed
         self._counters: dict[str, dict[str, _Counter]] = {name: {} for name in WINDOWS}
 
     def reconfigure(self, config: RateLimitConfig) -> None:
@@ -171,10 +196,19 @@ class MemoryRateLimiter:
         found: list[tuple[Tracked, _Counter, int, bool]] = []
         admit = True
         counters = self._counters
+        overflow = False
         for item in self._tracked(request):
             window = item.window
             slot = window.slot(now)
             counter = counters[window.name].get(item.scope)
+            if (
+                counter is None
+                and item.scope.startswith(CLIENT_NAMED)
+                and len(self) >= self._config.max_tracked_scopes
+            ):
+                overflow = True
+                item = evolve(item, scope=item.scope.split(":", 1)[0] + ":" + OVERFLOW)
+                counter = counters[window.name].get(item.scope)
             new = counter is None
             if counter is None:
                 counter = _Counter()
@@ -186,6 +220,8 @@ class MemoryRateLimiter:
             ):
                 admit = False
             found.append((item, counter, slot, new))
+        if overflow and self._overflowed is not None:
+            self._overflowed()
         if not admit:
             usages = [counter.usage(item) for item, counter, _, _ in found]
             denial = deny(usages, cost, now, optimistic=optimistic)

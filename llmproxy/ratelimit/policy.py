@@ -142,11 +142,14 @@ class Reservation:
     @ivar tokens: the tokens reserved (the estimate).
     @ivar entries: the C{(window name, scope)} pairs the request was counted
         in; scopes and windows without limits are not counted anywhere.
+    @ivar local: a shared backend decided it without its server (during an
+        outage), against counters of this process.
     """
 
     at: float
     tokens: int
     entries: tuple[tuple[str, str], ...]
+    local: bool = False
 
 
 @frozen
@@ -154,8 +157,7 @@ class Decision:
     """
     The limiter's answer to L{IRateLimiter.reserve}.
 
-    @ivar reservation: set when allowed, except when a shared backend was
-        unreachable and C{fail_mode} is C{open} (nothing was reserved).
+    @ivar reservation: set when allowed.
     @ivar denial: set when refused.
     @ivar limit: on an allowed answer, the limit of the tightest counted
         scope, window and metric (the one with the smallest fraction left);

@@ -3,11 +3,12 @@
 The Redis rate limiter: the same windows as the in-memory one, with the
 counters in Redis so any number of proxy instances share them exactly.
 
-Every operation is one Lua script, so check-and-reserve over all scopes is
-atomic however many instances run.  The scripts take C{now} from the
-caller's clock (C{ARGV}), so tests control time and the instances' clocks
-define the slots (NTP-level skew only moves slot boundaries by the skew; a
-counter never goes back to an older slot than the newest it has used).
+Every call is one Lua script (L{llmproxy.ratelimit.redis_scripts}), so
+check-and-reserve over all scopes is atomic however many instances run.
+The scripts take C{now} from the caller's clock (C{ARGV}), so tests control
+time and the instances' clocks define the slots (NTP-level skew only moves
+slot boundaries by the skew; a counter never goes back to an older slot
+than the newest it has used).
 
 Key layout
 ==========
@@ -23,343 +24,568 @@ C{PEXPIRE} to just after the newest slot stops counting, so idle scopes
 vanish on their own and nothing needs sweeping.  Redis Cluster is not
 supported (one script touches several keys).
 
-Failures
-========
+Batches
+=======
 
-Each call has a deadline (C{redis.timeout_ms}, see L{llmproxy.redislink}).
-On a timeout or any other backend error, C{fail_mode: open} admits the
-request without a reservation and C{closed} fails the call with
-L{BackendUnavailable}; both call the metrics hook and log a warning at most
-every L{WARNING_INTERVAL} seconds.  A failed reconcile or release is logged
-and dropped.  A reservation whose reply was lost to the deadline may still
-have been counted; it expires with its window.
+The reservations asked in one turn of the event loop go to Redis as one
+script call, and so do the corrections (reconcile, release): under load a
+call carries dozens, which is most of the saving. A batch holds at most
+L{MAX_BATCH}; the script handles them in order, so the decisions are
+exactly those of one call each.
+
+Slow answers and outages
+========================
+
+A call that has no answer after C{redis.timeout_ms} counts as a failure,
+but its requests keep waiting for the answer: only a real outage makes
+them be decided without Redis. Before counting, the limiter lets the event
+loop read once, so an answer that arrived while this process was busy is
+never taken for a timeout. An outage is:
+
+  - every connection of the pool down after one was up (a stopped Redis
+    closes its sockets at once), or
+  - C{redis.outage_after_failures} failures in a row (timeouts or errors,
+    with no answer in between).
+
+During an outage nothing waits on Redis. C{fail_mode: open} decides each
+request against local in-memory counters holding C{redis.outage_limit_fraction}
+of every limit (bounded, not unlimited; the fraction 1/N keeps a fleet of N
+instances within the limit); C{closed} refuses with L{BackendUnavailable}.
+Redis is pinged every second; the first answer (to a ping, or a late one
+to a call given up on) ends the outage. The state
+shows in C{/health} (L{RedisRateLimiter.status}), in the
+C{llmproxy_ratelimit_degraded} gauge, and in a warning when it begins and
+a line when it ends. A call that failed alone (an error reply) is decided
+the same way, without declaring an outage.
+
+Reservations decided locally are corrected locally. Corrections of Redis
+reservations that cannot reach Redis are counted and dropped; a
+reservation Redis made for a call given up on is given back when its late
+answer arrives.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from attrs import evolve
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmproxy.config import RateLimitConfig
+from llmproxy.config import Limits, RateLimitConfig, RateLimitOverrides
+from llmproxy.ratelimit.memory import MemoryRateLimiter
 from llmproxy.ratelimit.policy import (
-    WINDOWS,
     BackendUnavailable,
     Decision,
     IRateLimiter,
     LimitRequest,
     Reservation,
-    Tracked,
     TrackedCache,
-    WindowUsage,
-    deny,
-    tightest,
 )
-from llmproxy.redislink import (
-    WARNING_INTERVAL,
-    RedisLink,
-    RedisTarget,
-    parse_redis_url,
+from llmproxy.ratelimit.redis_scripts import (
+    CORRECT,
+    KEY_PREFIX,
+    RESERVE,
+    Ask,
+    Correction,
+    correct_call,
+    key_name,
+    reserve_call,
 )
+from llmproxy.redispool import RedisPool, RedisTarget, parse_redis_url
 
-__all__ = ["WARNING_INTERVAL", "RedisRateLimiter", "RedisTarget", "key_name", "parse_redis_url"]
+__all__ = [
+    "KEY_PREFIX",
+    "RedisRateLimiter",
+    "RedisTarget",
+    "key_name",
+    "parse_redis_url",
+]
 
-KEY_PREFIX = "llmproxy:rl:"
+log = Logger()
 
-_COMMON = """
-local function refresh(key, k, count)
-  local h = redis.call('HMGET', key, 'r', 't', 'lo', 'hi')
-  local hi = tonumber(h[4])
-  if not hi then
-    return k, 0, 0, nil
-  end
-  if hi > k then
-    k = hi
-  end
-  local first = k - count
-  if hi < first then
-    redis.call('DEL', key)
-    return k, 0, 0, nil
-  end
-  local r, t, lo = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
-  if lo < first then
-    for j = lo, first - 1 do
-      local v = redis.call('HMGET', key, 'r' .. j, 't' .. j)
-      if v[1] then
-        r = r - tonumber(v[1])
-        t = t - tonumber(v[2])
-        redis.call('HDEL', key, 'r' .. j, 't' .. j)
-      end
-    end
-    lo = first
-    redis.call('HSET', key, 'r', r, 't', t, 'lo', lo)
-  end
-  return k, r, t, lo
-end
+WARNING_INTERVAL = 10.0
+"""Seconds between two warnings about failing backend calls."""
 
-local function expire(key, k, count, size, now)
-  redis.call('PEXPIRE', key, math.ceil(((k + count + 1) * size - now) * 1000) + 1000)
-end
-"""
+PROBE_INTERVAL = 1.0
+"""Seconds between two pings of Redis during an outage."""
 
-RESERVE = (
-    _COMMON
-    + """
--- ARGV: now, cost, optimistic, then per key: slot size, slots, request limit, token limit
-local now, cost, optimistic = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
-local n = #KEYS
-local ks, rs, ts, los = {}, {}, {}, {}
-local admit = true
-for i = 1, n do
-  local b = 3 + (i - 1) * 4
-  local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local lreq, ltok = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local k, r, t, lo = refresh(KEYS[i], math.floor(now / size), count)
-  ks[i], rs[i], ts[i], los[i] = k, r, t, lo
-  if lreq > 0 and r + 1 > lreq then
-    admit = false
-  end
-  if ltok > 0 and not (optimistic and t == 0) and t + cost > ltok then
-    admit = false
-  end
-end
-if not admit then
-  local out = {0}
-  for i = 1, n do
-    local slots = {}
-    if los[i] then
-      for j = los[i], ks[i] do
-        local v = redis.call('HMGET', KEYS[i], 'r' .. j, 't' .. j)
-        if v[1] then
-          slots[#slots + 1] = j
-          slots[#slots + 1] = tonumber(v[1])
-          slots[#slots + 1] = tonumber(v[2])
-        end
-      end
-    end
-    out[i + 1] = {rs[i], ts[i], slots}
-  end
-  return out
-end
-local out = {1}
-for i = 1, n do
-  local b = 3 + (i - 1) * 4
-  local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local key, k = KEYS[i], ks[i]
-  redis.call('HINCRBY', key, 'r' .. k, 1)
-  redis.call('HINCRBY', key, 't' .. k, cost)
-  redis.call('HSET', key, 'r', rs[i] + 1, 't', ts[i] + cost, 'lo', los[i] or k, 'hi', k)
-  expire(key, k, count, size, now)
-  out[#out + 1] = rs[i] + 1
-  out[#out + 1] = ts[i] + cost
-end
-return out
-"""
-)
-
-_CORRECTION = (
-    _COMMON
-    + """
--- ARGV: now, a token count, the reservation's time, then per key: slot size,
--- slots.  Refreshes each key, then calls
--- correct(key, k, r, t, lo, kr, tokens, size, count, now), where kr is the
--- reservation's slot while it still counts and nil once it does not.
-local function correct_each_key(correct)
-  local now, tokens, at = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-  for i = 1, #KEYS do
-    local b = 3 + (i - 1) * 2
-    local size, count = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-    local key = KEYS[i]
-    local k, r, t, lo = refresh(key, math.floor(now / size), count)
-    local kr = math.floor(at / size)
-    if not (lo and kr >= lo and kr <= k) then
-      kr = nil
-    end
-    correct(key, k, r, t, lo, kr, tokens, size, count, now)
-  end
-  return 1
-end
-"""
-)
-
-RECONCILE = (
-    _CORRECTION
-    + """
--- The token count is the delta: actual tokens minus reserved ones.
-return correct_each_key(function(key, k, r, t, lo, kr, delta, size, count, now)
-  local have = nil
-  if kr then
-    have = tonumber(redis.call('HGET', key, 't' .. kr))
-  end
-  if delta > 0 then
-    if have then
-      redis.call('HINCRBY', key, 't' .. kr, delta)
-      redis.call('HSET', key, 't', t + delta)
-    else
-      redis.call('HINCRBY', key, 'r' .. k, 0)
-      redis.call('HINCRBY', key, 't' .. k, delta)
-      redis.call('HSET', key, 'r', r, 't', t + delta, 'lo', lo or k, 'hi', k)
-      expire(key, k, count, size, now)
-    end
-  elseif delta < 0 and have then
-    local given = math.min(-delta, have)
-    if given > 0 then
-      redis.call('HINCRBY', key, 't' .. kr, -given)
-      redis.call('HSET', key, 't', t - given)
-    end
-  end
-end)
-"""
-)
-
-RELEASE = (
-    _CORRECTION
-    + """
--- The token count is the reserved tokens.
-return correct_each_key(function(key, k, r, t, lo, kr, tokens)
-  if kr then
-    local v = redis.call('HMGET', key, 'r' .. kr, 't' .. kr)
-    if v[1] then
-      local dr = math.min(1, tonumber(v[1]))
-      local dt = math.min(tokens, tonumber(v[2]))
-      if dr > 0 then
-        redis.call('HINCRBY', key, 'r' .. kr, -dr)
-      end
-      if dt > 0 then
-        redis.call('HINCRBY', key, 't' .. kr, -dt)
-      end
-      redis.call('HSET', key, 'r', r - dr, 't', t - dt)
-    end
-  end
-end)
-"""
-)
+MAX_BATCH = 128
+"""Most reservations (or corrections) in one script call."""
 
 
-def key_name(window: str, scope: str) -> str:
+class RateLimitMetrics(Protocol):
     """
-    The Redis key holding one scope's counters in one window.
+    What the limiter reports (the proxy's L{llmproxy.metrics.Metrics}).
     """
-    return KEY_PREFIX + window + ":" + scope
+
+    def ratelimit_backend_error(self, backend: str) -> None: ...
+
+    def ratelimit_degraded(self, backend: str, degraded: bool) -> None: ...
+
+    def ratelimit_local_decision(self, backend: str) -> None: ...
+
+
+def local_share(config: RateLimitConfig) -> RateLimitConfig:
+    """
+    The configuration of the local counters used during an outage: every
+    limit times C{redis.outage_limit_fraction}, rounded up (a limit never
+    becomes 0, which would mean unlimited).
+    """
+    fraction = config.redis.outage_limit_fraction
+    if fraction >= 1.0:
+        return evolve(config, backend="memory")
+
+    def scaled(limits: Limits) -> Limits:
+        return Limits(
+            *(
+                math.ceil(value * fraction) if value else 0
+                for value in (
+                    limits.requests_per_minute,
+                    limits.tokens_per_minute,
+                    limits.requests_per_day,
+                    limits.tokens_per_day,
+                )
+            )
+        )
+
+    overrides = config.overrides
+    return evolve(
+        config,
+        backend="memory",
+        limits=scaled(config.limits),
+        overrides=RateLimitOverrides(
+            per_provider={k: scaled(v) for k, v in overrides.per_provider.items()},
+            per_model={k: scaled(v) for k, v in overrides.per_model.items()},
+            per_key={k: scaled(v) for k, v in overrides.per_key.items()},
+            per_user={k: scaled(v) for k, v in overrides.per_user.items()},
+        ),
+    )
+
+
+class _Watch:
+    """
+    One script call in flight: its deadline, and what to do with an answer
+    that comes after the call was given up.
+
+    @ivar result: fires with the answer, or fails with the call's error or
+        with L{BackendUnavailable} once an outage gives it up.
+    """
+
+    def __init__(
+        self,
+        limiter: RedisRateLimiter,
+        answer: Deferred[Any],
+        late: Any = None,
+    ) -> None:
+        self._limiter = limiter
+        self._late = late
+        self.result: Deferred[Any] = Deferred()
+        self._timer: IDelayedCall | None = None
+        self._grace: IDelayedCall | None = None
+        self._arm()
+        limiter._watches.add(self)
+        answer.addCallbacks(self._answered, self._failed)
+
+    def _arm(self) -> None:
+        self._timer = self._limiter._reactor.callLater(self._limiter._timeout(), self._expired)
+
+    def _stop(self) -> None:
+        for timer in (self._timer, self._grace):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._grace = None
+        self._limiter._watches.discard(self)
+
+    def _answered(self, reply: Any) -> None:
+        self._stop()
+        self._limiter._answered()
+        if not self.result.called:
+            self.result.callback(reply)
+        elif self._late is not None:
+            self._late(reply)
+
+    def _failed(self, failure: Failure) -> None:
+        self._stop()
+        if not self.result.called:
+            self._limiter._call_failed(failure)
+        if not self.result.called:
+            self.result.errback(failure)
+
+    def _expired(self) -> None:
+        # The answer may be waiting, unread, because this process was busy:
+        # let the event loop read once before this counts as a failure.
+        self._timer = None
+        self._grace = self._limiter._reactor.callLater(0, self._overdue)
+
+    def _overdue(self) -> None:
+        self._grace = None
+        if self.result.called:
+            return
+        self._limiter._call_failed(Failure(TimeoutError(self._limiter._timeout_text())))
+        if not self.result.called:
+            self._arm()
+
+    def give_up(self, why: str) -> None:
+        """
+        An outage began: stop waiting (a late answer still goes to C{late}).
+        """
+        for timer in (self._timer, self._grace):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._grace = None
+        if not self.result.called:
+            self.result.errback(Failure(BackendUnavailable(why)))
 
 
 @implementer(IRateLimiter)
-class RedisRateLimiter(RedisLink):
+class RedisRateLimiter(Service):
     """
     A rate limiter whose counters live in Redis.
 
-    It is a service (a L{RedisLink}): starting it opens the connection
-    pool, stopping it closes the pool.  Calls made before it starts, or
-    while Redis is away, follow C{fail_mode}.
+    It is a service: starting it opens the connection pool, stopping it
+    closes the pool. Calls made before it starts are decided as during an
+    outage.
 
-    @param metrics_hook: called once per backend error (unreachable, timeout,
-        script error) that the caller does not see as a failure: a reserve
-        that failed open, a reconcile or release that was dropped.  (A
-        reserve that fails closed reaches the caller as L{BackendUnavailable}
-        instead.)  For C{llmproxy_ratelimit_backend_errors_total}.
+    @param clock: the time the windows are computed from.
+    @param reactor: runs the batches, deadlines and probes.
+    @param metrics: told about failed calls the caller does not see
+        (C{llmproxy_ratelimit_backend_errors_total}), the outage state and
+        each request decided without Redis.
+    @param poolsize: connections in the pool.
     """
 
-    warning_format = (
-        "rate-limit backend {operation} failed ({error}); failing {mode}"
-        " ({suppressed} more failures since the last warning)"
-    )
-
-    def _configured(self, config: RateLimitConfig) -> None:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        clock: IReactorTime,
+        reactor: IReactorTime,
+        metrics: RateLimitMetrics | None = None,
+        *,
+        poolsize: int = 4,
+    ) -> None:
+        self._config = config
         self._tracked = TrackedCache(config)
+        self._clock = clock
+        self._reactor = reactor
+        self._metrics = metrics
+        self.target = parse_redis_url(config.redis.url)
+        self._pool = RedisPool(self.target, reactor, poolsize)
+        self._fallback = MemoryRateLimiter(local_share(config), clock)
+        self._asks: list[tuple[Ask, Deferred[Decision], LimitRequest]] = []
+        self._corrections: list[tuple[Correction, Deferred[None]]] = []
+        self._flush_call: IDelayedCall | None = None
+        self._watches: set[_Watch] = set()
+        self._failures = 0
+        self._degraded_since: float | None = None
+        self._probe: LoopingCall | None = None
+        self._probing = False
+        self._local_decisions = 0
+        self._last_warning = -math.inf
+        self._suppressed = 0
+
+    def reconfigure(self, config: RateLimitConfig) -> None:
+        """
+        Use new limits, timeout and fail mode from now on.  The Redis URL
+        is read at start only; a new one needs a restart.
+        """
+        if config.redis.url != self._config.redis.url:
+            log.warn("rate-limit Redis URL changed; restart llmproxy to use the new one")
+        self._config = config
+        self._tracked = TrackedCache(config)
+        self._fallback.reconfigure(local_share(config))
+
+    # -- the service ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._pool.open()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        self._stop_probe()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._flush()
+        for watch in list(self._watches):
+            watch.give_up("the Redis rate limiter stopped")
+        return self._pool.close()
+
+    def status(self) -> dict[str, object]:
+        """
+        The backend's state for C{/health}.
+        """
+        since = self._degraded_since
+        return {
+            "backend": "redis",
+            "state": "ok" if since is None else "degraded",
+            "degraded_seconds": None if since is None else round(self._clock.seconds() - since, 3),
+            "fail_mode": self._config.fail_mode,
+            "outage_limit_fraction": self._config.redis.outage_limit_fraction,
+            "decided_locally": self._local_decisions,
+        }
+
+    # -- reserving ---------------------------------------------------------------------
 
     def reserve(self, request: LimitRequest) -> Deferred[Decision]:
-        config = self._config
         now = self._clock.seconds()
         cost = max(0, request.estimated_tokens)
-        optimistic = config.estimation.optimistic_first_request
         items = self._tracked(request)
-        entries = tuple((item.window.name, item.scope) for item in items)
         if not items:
             reservation = Reservation(at=now, tokens=cost, entries=())
             return succeed(Decision(True, reservation, None, None, None))
-        args = [repr(now), str(cost), "1" if optimistic else "0"]
-        for item in items:
-            window = item.window
-            args += [
-                str(window.slot_seconds),
-                str(window.slots),
-                str(item.requests),
-                str(item.tokens),
-            ]
-        keys = [key_name(name, scope) for name, scope in entries]
+        if not self._pool.running:
+            return self._locally(request, "the Redis rate limiter is not running")
+        if self._degraded_since is None and self._pool.lost():
+            self._begin_outage("every connection to Redis was lost")
+        if self._degraded_since is not None:
+            return self._locally(request, "Redis is unreachable")
+        optimistic = self._config.estimation.optimistic_first_request
+        decided: Deferred[Decision] = Deferred()
+        self._asks.append((Ask(tuple(items), now, cost, optimistic), decided, request))
+        self._soon()
+        return decided
 
-        def decided(reply: list[Any]) -> Decision:
-            return _decision(reply, items, entries, now, cost, optimistic)
+    def _locally(self, request: LimitRequest, why: str) -> Deferred[Decision]:
+        """
+        Decide without Redis: against the local share of the limits
+        (C{fail_mode: open}), or not at all (C{closed}).
+        """
+        self._local_decisions += 1
+        if self._metrics is not None:
+            self._metrics.ratelimit_local_decision("redis")
+        if self._config.fail_mode == "closed":
+            return fail(BackendUnavailable(why))
+        decision = self._fallback.reserve_now(request)
+        if decision.reservation is not None:
+            decision = evolve(decision, reservation=evolve(decision.reservation, local=True))
+        return succeed(decision)
 
-        def failed(failure: Failure) -> Decision:
-            closed = self._config.fail_mode == "closed"
-            # Closed: the caller sees BackendUnavailable and counts it itself.
-            self.backend_error("reserve", failure, count=not closed)
-            if closed:
-                raise BackendUnavailable(self.describe(failure))
-            return Decision(True, None, None, None, None)
+    def _soon(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
 
-        result: Deferred[Decision] = self.call(RESERVE, keys, args).addCallbacks(decided, failed)
-        return result
+    def _flush(self) -> None:
+        """
+        Send what this turn asked for: a batch of reservations, one of
+        corrections.
+        """
+        self._flush_call = None
+        asks, self._asks = self._asks[:MAX_BATCH], self._asks[MAX_BATCH:]
+        corrections = self._corrections[:MAX_BATCH]
+        self._corrections = self._corrections[MAX_BATCH:]
+        if (self._asks or self._corrections) and self.running:
+            self._soon()
+        if asks:
+            self._send_asks(asks)
+        if corrections:
+            self._send_corrections(corrections)
 
-    def _correct(
-        self, operation: str, script: str, reservation: Reservation, value: int
-    ) -> Deferred[None]:
-        args = [repr(self._clock.seconds()), str(value), repr(reservation.at)]
-        for name, _ in reservation.entries:
-            window = WINDOWS[name]
-            args += [str(window.slot_seconds), str(window.slots)]
-        keys = [key_name(name, scope) for name, scope in reservation.entries]
+    def _send_asks(self, asks: Sequence[tuple[Ask, Deferred[Decision], LimitRequest]]) -> None:
+        if self._degraded_since is not None or not self._pool.running:
+            for _, decided, request in asks:
+                self._locally(request, "Redis is unreachable").chainDeferred(decided)
+            return
+        keys, args = reserve_call([ask for ask, _, _ in asks])
+
+        def answered(replies: list[Any]) -> None:
+            if not isinstance(replies, list) or len(replies) != len(asks):
+                replies = [None] * len(asks)
+            for (ask, decided, request), reply in zip(asks, replies, strict=True):
+                try:
+                    decision = ask.decision(reply)
+                except Exception:
+                    log.failure("unreadable rate-limit reply")
+                    self._locally(request, "unreadable reply").chainDeferred(decided)
+                else:
+                    decided.callback(decision)
 
         def failed(failure: Failure) -> None:
-            self.backend_error(operation, failure)
+            closed = self._config.fail_mode == "closed"
+            # Closed: the caller sees BackendUnavailable and counts it itself.
+            # Given up for an outage: its own warning said so.
+            outage = failure.check(BackendUnavailable) is not None
+            self._backend_error("reserve", failure, count=not closed, warn=not outage)
+            for _, decided, request in asks:
+                self._locally(request, self._describe(failure)).chainDeferred(decided)
 
-        result: Deferred[None] = self.call(script, keys, args).addCallbacks(lambda _: None, failed)
-        return result
+        def late(replies: list[Any]) -> None:
+            # Given up on, then answered: give back what Redis reserved.
+            for ask, reply in zip([ask for ask, _, _ in asks], replies, strict=False):
+                decision = ask.decision(reply)
+                if decision.reservation is not None:
+                    self.release(decision.reservation)
+
+        watch = _Watch(self, self._pool.eval(RESERVE, keys, args), late)
+        watch.result.addCallbacks(answered, failed)
+
+    # -- correcting -----------------------------------------------------------------------
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> Deferred[None]:
+        if reservation.local:
+            return self._fallback.reconcile(reservation, actual_tokens)
         delta = max(0, actual_tokens) - reservation.tokens
         if not delta or not reservation.entries:
             return succeed(None)
-        return self._correct("reconcile", RECONCILE, reservation, delta)
+        return self._correct(Correction("r", self._clock.seconds(), delta, reservation))
 
     def release(self, reservation: Reservation) -> Deferred[None]:
+        if reservation.local:
+            return self._fallback.release(reservation)
         if not reservation.entries:
             return succeed(None)
-        return self._correct("release", RELEASE, reservation, reservation.tokens)
-
-
-def _decision(
-    reply: list[Any],
-    items: Sequence[Tracked],
-    entries: tuple[tuple[str, str], ...],
-    now: float,
-    cost: int,
-    optimistic: bool,
-) -> Decision:
-    """
-    Turn the reserve script's reply into a L{Decision}.
-
-    Allowed: C{[1, requests, tokens, ...]}, the totals after the request
-    for each key.  Denied: C{[0, [requests, tokens, [slot, requests, tokens,
-    ...]], ...]}, a snapshot of each key from which L{deny} explains the
-    denial exactly as the in-memory limiter would.
-    """
-    if reply[0] == 1:
-        figures: list[tuple[int, int]] = []
-        for index, item in enumerate(items):
-            figures.append((item.requests, int(reply[1 + 2 * index])))
-            figures.append((item.tokens, int(reply[2 + 2 * index])))
-        limit, remaining = tightest(figures)
-        reservation = Reservation(at=now, tokens=cost, entries=entries)
-        return Decision(True, reservation, None, limit, remaining)
-    usages = []
-    for item, (requests, tokens, flat) in zip(items, reply[1:], strict=True):
-        slots = tuple(
-            (int(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+        return self._correct(
+            Correction("x", self._clock.seconds(), reservation.tokens, reservation)
         )
-        usages.append(WindowUsage(item, int(requests), int(tokens), slots))
-    return Decision(False, None, deny(usages, cost, now, optimistic=optimistic), None, None)
+
+    def _correct(self, correction: Correction) -> Deferred[None]:
+        if self._degraded_since is not None or not self._pool.running:
+            self._backend_error(
+                "reconcile", Failure(BackendUnavailable("Redis is unreachable")), warn=False
+            )
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._corrections.append((correction, done))
+        self._soon()
+        return done
+
+    def _send_corrections(self, corrections: Sequence[tuple[Correction, Deferred[None]]]) -> None:
+        if self._degraded_since is not None or not self._pool.running:
+            for _, done in corrections:
+                done.callback(None)
+            return
+        keys, args = correct_call([correction for correction, _ in corrections])
+
+        def settled(result: object) -> None:
+            if isinstance(result, Failure):
+                self._backend_error("reconcile", result)
+            for _, done in corrections:
+                done.callback(None)
+
+        _Watch(self, self._pool.eval(CORRECT, keys, args)).result.addBoth(settled)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        return self._config.redis.timeout_ms / 1000
+
+    def _timeout_text(self) -> str:
+        return f"no answer within {self._config.redis.timeout_ms} ms"
+
+    def _answered(self) -> None:
+        """
+        Redis answered a call (perhaps one given up on): it is reachable.
+        """
+        self._failures = 0
+        self._pool.connected_once = True
+        if self._degraded_since is not None:
+            self._end_outage()
+
+    def _call_failed(self, failure: Failure) -> None:
+        """
+        A call timed out (it still waits) or failed: one more failure in a
+        row; enough of them, or a lost connection, is an outage.
+        """
+        self._failures += 1
+        if self._degraded_since is not None:
+            return
+        if self._failures >= self._config.redis.outage_after_failures:
+            self._begin_outage(
+                f"{self._failures} calls in a row failed ({self._describe(failure)})"
+            )
+        elif self._pool.lost():
+            self._begin_outage("every connection to Redis was lost")
+
+    def _begin_outage(self, why: str) -> None:
+        if not self.running:
+            return
+        self._degraded_since = self._clock.seconds()
+        log.warn(
+            "rate-limit Redis unreachable ({why}); deciding requests without it "
+            "(fail_mode {mode}, {fraction} of each limit locally) until it answers again",
+            why=why,
+            mode=self._config.fail_mode,
+            fraction=self._config.redis.outage_limit_fraction,
+        )
+        if self._metrics is not None:
+            self._metrics.ratelimit_degraded("redis", True)
+        self._probe = LoopingCall(self._ping)
+        self._probe.clock = self._reactor
+        self._probe.start(PROBE_INTERVAL, now=False)
+        # Last: the requests decided now may run anything, stopping this
+        # service included.
+        for watch in list(self._watches):
+            watch.give_up(why)
+
+    def _ping(self) -> None:
+        self._fallback.sweep()
+        if self._probing or not self._pool.running:
+            return
+        self._probing = True
+        pinged = self._pool.ping()
+        pinged.addTimeout(max(self._timeout(), PROBE_INTERVAL), self._reactor)
+
+        def answered(_: object) -> None:
+            self._probing = False
+            self._end_outage()
+
+        def failed(_: Failure) -> None:
+            self._probing = False
+
+        pinged.addCallbacks(answered, failed)
+
+    def _end_outage(self) -> None:
+        since = self._degraded_since
+        if since is None:
+            return
+        self._degraded_since = None
+        self._failures = 0
+        self._stop_probe()
+        log.info(
+            "rate-limit Redis answers again after {seconds}s of outage; "
+            "{local} requests were decided without it so far",
+            seconds=round(self._clock.seconds() - since, 1),
+            local=self._local_decisions,
+        )
+        if self._metrics is not None:
+            self._metrics.ratelimit_degraded("redis", False)
+
+    def _stop_probe(self) -> None:
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+        self._probe = None
+
+    def _describe(self, failure: Failure) -> str:
+        if failure.check(TimeoutError):
+            return self._timeout_text()
+        return failure.getErrorMessage() or repr(failure.value)
+
+    def _backend_error(
+        self, operation: str, failure: Failure, *, count: bool = True, warn: bool = True
+    ) -> None:
+        if count and self._metrics is not None:
+            try:
+                self._metrics.ratelimit_backend_error("redis")
+            except Exception:
+                log.failure("rate-limit metrics hook failed")
+        now = self._reactor.seconds()
+        if not warn or now - self._last_warning < WARNING_INTERVAL:
+            self._suppressed += 1
+            return
+        log.warn(
+            "rate-limit backend {operation} failed ({error}); deciding without Redis "
+            "({suppressed} more failures since the last warning)",
+            operation=operation,
+            error=self._describe(failure),
+            suppressed=self._suppressed,
+        )
+        self._last_warning = now
+        self._suppressed = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from llmproxy.config import load_config
+from llmproxy.config.load import MAX_DEPTH, MAX_VALUES
 from llmproxy.test.test_config import FilesMixin
 
 
@@ -49,6 +50,43 @@ class FileErrorTests(FilesMixin):
         )
         self.assertEqual(config.providers["anthropic"].timeouts.connect_seconds, 5.0)
         self.assertEqual(config.providers["anthropic"].timeouts.idle_seconds, 9.0)
+
+    def test_alias_bomb(self) -> None:
+        """
+        A few hundred bytes of nested YAML aliases that stand for billions
+        of values are refused at once, not expanded.
+        """
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+        lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, 10)]
+        path = self.write("bomb.yml", "\n".join(lines) + "\n")
+        [error] = self.errors([path])
+        expected = f"expands to more than {MAX_VALUES} values (through YAML aliases?)"
+        self.assertEqual(error, f"{path}: invalid YAML: {expected}")
+
+    def test_merge_keys_counted(self) -> None:
+        """
+        Merge keys (C{<<}) may not expand mappings past the limit either.
+        """
+        entries = ", ".join(f"k{n}: {n}" for n in range(MAX_VALUES // 2 + 1))
+        path = self.write("merge.yml", f"base: &b {{{entries}}}\nx: {{<<: *b}}\ny: {{<<: *b}}\n")
+        [error] = self.errors([path])
+        self.assertIn(f"expand past {MAX_VALUES} entries", error)
+
+    def test_too_deep(self) -> None:
+        """
+        Nesting deeper than the limit is a configuration error, also where
+        it is deep enough to exhaust the YAML parser's recursion.
+        """
+        for depth, expected in [
+            (MAX_DEPTH + 1, f"nested deeper than {MAX_DEPTH} levels"),
+            (5000, "nested too deeply"),
+        ]:
+            path = self.write(f"deep{depth}.yml", "a: " + "[" * depth + "]" * depth + "\n")
+            [error] = self.errors([path])
+            self.assertIn(expected, error)
+        path = self.write("ok.yml", "a: " + "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2) + "\n")
+        [error] = self.errors([path])
+        self.assertIn("unknown key", error)
 
     def test_top_level_not_a_mapping(self) -> None:
         path = self.write("list.yml", "- a\n- b\n")

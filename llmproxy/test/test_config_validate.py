@@ -144,6 +144,47 @@ class SectionTests(FilesMixin):
         self.assertEqual(estimation.provider_chars_per_token, {"anthropic": 3.5})
         self.assertEqual(estimation.max_sample_bytes, 0)
 
+    def test_protective_limits(self) -> None:
+        """
+        The limits that protect the proxy itself take positive numbers.
+        """
+        for key, bad in [
+            ("max_connections", "0"),
+            ("header_timeout_seconds", "0"),
+            ("body_timeout_seconds", "-1"),
+            ("min_body_rate_bytes_per_second", "1.5"),
+            ("client_stall_timeout_seconds", "soon"),
+        ]:
+            error = self.assertOneError(f"server: {{{key}: {bad}}}\n", "server." + key, "expected")
+            self.assertIn("> 0", error)
+        for text, key, expected in [
+            (
+                "features: {rate_limiting: {max_tracked_scopes: 0}}\n",
+                "features.rate_limiting.max_tracked_scopes",
+                "expected an integer > 0, got 0",
+            ),
+            (
+                "features: {rate_limiting: {max_tracked_scopes: many}}\n",
+                "features.rate_limiting.max_tracked_scopes",
+                "expected an integer > 0, got 'many'",
+            ),
+        ]:
+            self.assertOneError(text, key, expected)
+        config = self.load("features: {rate_limiting: {max_tracked_scopes: 10}}\n")
+        self.assertEqual(config.features.rate_limiting.max_tracked_scopes, 10)
+        prefix = "features: {rate_limiting: {redis: "
+        for text, key, expected in [
+            ("{outage_after_failures: 0}", "outage_after_failures", "expected an integer > 0"),
+            ("{outage_limit_fraction: 0}", "outage_limit_fraction", "expected a number > 0"),
+            ("{outage_limit_fraction: 1.5}", "outage_limit_fraction", "> 0 and <= 1, got 1.5"),
+            ("{outage_limit_fraction: half}", "outage_limit_fraction", "got 'half'"),
+        ]:
+            self.assertOneError(
+                prefix + text + "}}\n", "features.rate_limiting.redis." + key, expected
+            )
+        redis = self.load(prefix + "{outage_limit_fraction: 0.25}}}\n").features.rate_limiting.redis
+        self.assertEqual((redis.outage_limit_fraction, redis.timeout_ms), (0.25, 250))
+
     def test_parse_config_source(self) -> None:
         """
         L{parse_config} names its C{source} in every message.

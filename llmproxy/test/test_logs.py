@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel, formatTime, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ParseError, ResponseNeverReceived
 
 from llmproxy.config import parse_config
 from llmproxy.logs import (
@@ -25,6 +26,7 @@ from llmproxy.logs import (
     TextObserver,
     WholeLines,
     configured_secrets,
+    describe_failure,
     make_observer,
     redact,
 )
@@ -92,7 +94,7 @@ class RedactTests(SynchronousTestCase):
     def test_cloud_credentials(self) -> None:
         """
         AWS signatures and session tokens, Bedrock API keys and Google OAuth
-        tokens never reach a log line; an access key id (no secret) may.
+        tokens never reach a log line (an authorization header is redacted whole).
         """
         signed = (
             "authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20250101/us-east-1/"
@@ -108,7 +110,45 @@ class RedactTests(SynchronousTestCase):
             self.assertNotIn(secret, redact(f"upstream said: bad token {secret}"))
         token = redact("(b'X-Amz-Security-Token', [b'FwoGZXIvYXdzEJrplainopaque'])")
         self.assertNotIn("FwoGZXIvYXdzEJrplainopaque", token)
-        self.assertIn("AKIDEXAMPLE", redact(signed))
+        self.assertIn("[REDACTED]", redact(signed))
+
+    def test_any_characters(self) -> None:
+        """
+        A credential header's whole value is redacted, whatever characters
+        it holds (spaces, punctuation, non-ASCII, escapes), quoted or not,
+        in text or inside a JSON line, and the JSON stays valid.
+        """
+        secret = "ab!c d\u00e9#x\\'y"
+        for text in [
+            f"Authorization: Bearer {secret}",
+            f"x-api-key: {secret}",
+            repr({b"authorization": [f"Bearer {secret}".encode()]}),
+            repr([(b"x-goog-api-key", [secret.encode()])]),
+        ]:
+            redacted = redact(text)
+            for part in ("ab!c", "d\u00e9", "#x", "xc3"):
+                self.assertNotIn(part, redacted, text)
+            self.assertIn("[REDACTED]", redacted)
+        line = orjson.dumps({"message": f"echo x-api-key: {secret}\nnext", "n": 1}).decode()
+        decoded = orjson.loads(redact(line))
+        self.assertNotIn("ab!c", decoded["message"])
+        self.assertEqual(decoded["n"], 1)
+        status_line = repr(b"HTTP/1.1 200 Bearer sk-\xc3\xbc!x-secret")
+        self.assertNotIn("x-secret", redact(status_line))
+
+    def test_describe_failure_hides_upstream_bytes(self) -> None:
+        """
+        Response parse errors are told by kind, without the upstream's bytes.
+        """
+        raw = b"HTTP/1.1 2OO Bearer sk-\xc3\xbc-not-a-status"
+        failure = Failure(
+            ResponseNeverReceived([Failure(ParseError("non-integer status code", raw))])
+        )
+        text = describe_failure(failure)
+        self.assertNotIn("Bearer", text)
+        self.assertIn("ParseError", text)
+        self.assertIn("ResponseNeverReceived", text)
+        self.assertEqual(describe_failure(Failure(ValueError("plain"))), "plain")
 
     def test_ordinary_text_untouched(self) -> None:
         text = "POST /openai/v1/chat/completions 200 12.5ms tokens=42"

@@ -4,13 +4,19 @@ Tests for L{llmproxy.providers.format} and L{llmproxy.providers.format_for}.
 
 from __future__ import annotations
 
+import tracemalloc
+
+import attrs
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.providers import Inspection, RequestFacts, format_for
 from llmproxy.providers.anthropic import AnthropicFormat
+from llmproxy.providers.format import MAX_NAME_CHARS, PARSE_LIMIT
 from llmproxy.providers.gemini import GeminiFormat
+from llmproxy.providers.keyscan import MAX_SCAN_STRINGS, MAX_SLOW_STRINGS
 from llmproxy.providers.openai import OpenAIFormat
 from llmproxy.usage import Usage
 
@@ -67,6 +73,123 @@ class RequestFactsTests(SynchronousTestCase):
         )
         self.assertIsNone(skipped.facts.prompt_chars)
         self.assertEqual(skipped.facts.model, "m")
+
+
+class LargeBodyTests(SynchronousTestCase):
+    """
+    Bodies above L{PARSE_LIMIT} are read by a bounded scan of their top
+    level: the same facts as a parse (prompt text aside), memory within a
+    small multiple of the body, and the stream usage asked for in place.
+    """
+
+    filler = [{"role": "user", "content": "x" * 1000}] * (PARSE_LIMIT // 1000)
+
+    def big(self, **members: object) -> bytes:
+        decoy = {"type": "tool_use", "input": {"model": "decoy", "stream": False, "user": "d"}}
+        return orjson.dumps({"messages": [*self.filler, decoy], **members})
+
+    def test_sameFacts(self) -> None:
+        """
+        The facts of a large body equal those of the same members in a small
+        one, whatever nested keys of the same names come first.
+        """
+        cases: list[tuple[str, bytes, dict[str, object]]] = [
+            (
+                "openai",
+                b"/v1/chat/completions",
+                {"model": "gpt-4o", "stream": True, "user": "u", "max_completion_tokens": 77},
+            ),
+            ("openai", b"/v1/responses", {"model": "gpt-5", "max_output_tokens": 9}),
+            (
+                "anthropic",
+                b"/v1/messages",
+                {"model": "claude-haiku-4-5", "max_tokens": 64, "metadata": {"user_id": "a"}},
+            ),
+            (
+                "gemini",
+                b"/v1beta/models/gemini-2.5-flash:generateContent",
+                {"generationConfig": {"maxOutputTokens": 12}},
+            ),
+        ]
+        for kind, path, members in cases:
+            fmt = format_for(kind)
+            body = self.big(**members)
+            self.assertGreater(len(body), PARSE_LIMIT)
+            scanned = fmt.inspect(b"POST", path, b"", body, inject_stream_usage=False)
+            parsed = fmt.inspect(
+                b"POST", path, b"", orjson.dumps(members), inject_stream_usage=False
+            )
+            self.assertEqual(
+                scanned.facts, attrs.evolve(parsed.facts, prompt_chars=None), (kind, path)
+            )
+            self.assertIsNotNone(scanned.facts.max_output_tokens)
+            self.assertIs(scanned.body, body)
+
+    def test_streamUsageInPlace(self) -> None:
+        """
+        A large streaming chat body asks for usage like a small one does:
+        inserted when it has no C{stream_options}, merged into the client's
+        own, untouched when it already asks.
+        """
+        fmt = format_for("openai")
+        cases: list[tuple[dict[str, object], dict[str, object]]] = [
+            ({}, {"include_usage": True}),
+            (
+                {"stream_options": {"include_obfuscation": False}},
+                {"include_obfuscation": False, "include_usage": True},
+            ),
+            ({"stream_options": {"include_usage": False}}, {"include_usage": True}),
+        ]
+        for extra, expected in cases:
+            body = self.big(model="gpt-4o", stream=True, **extra)
+            inspection = fmt.inspect(b"POST", b"/v1/chat/completions", b"", body)
+            self.assertTrue(inspection.strip_usage_chunk)
+            sent = orjson.loads(inspection.body)
+            self.assertEqual(sent["stream_options"], expected)
+            self.assertEqual(sent["messages"], orjson.loads(body)["messages"])
+        body = self.big(model="gpt-4o", stream=True, stream_options={"include_usage": True})
+        inspection = fmt.inspect(b"POST", b"/v1/chat/completions", b"", body)
+        self.assertEqual((inspection.body, inspection.strip_usage_chunk), (body, False))
+
+    def test_boundedMemory(self) -> None:
+        """
+        A body of millions of tiny JSON values (which a parser turns into
+        twenty times their size in objects) is read in less than three times
+        its own size.
+        """
+        body = b'{"messages": [' + b"{}," * (2 * PARSE_LIMIT) + b'{}], "model": "m"}'
+        tracemalloc.start()
+        try:
+            facts = format_for("openai").inspect(b"POST", b"/v1/chat/completions", b"", body).facts
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(facts.model, "m")
+        self.assertLess(peak, 3 * len(body))
+
+    def test_tooComplex(self) -> None:
+        """
+        A large body with more strings, or more strings holding brackets,
+        than the scan walks past is refused with a reason, not misread.
+        """
+        pad = b', "pad": "' + b"x" * PARSE_LIMIT + b'", "model": "m"}'
+        for body in (
+            b'{"input": [' + b'"a",' * MAX_SCAN_STRINGS + b'"a"]' + pad,
+            b'{"input": [' + b'"{",' * (MAX_SLOW_STRINGS + 1) + b'"a"]' + pad,
+        ):
+            inspection = format_for("openai").inspect(b"POST", b"/v1/embeddings", b"", body)
+            self.assertIn("too complex", str(inspection.refusal))
+        body = b'{"input": [' + b'"{",' * 1000 + b'"a"]' + pad
+        inspection = format_for("openai").inspect(b"POST", b"/v1/embeddings", b"", body)
+        self.assertEqual((inspection.refusal, inspection.facts.model), (None, "m"))
+
+    def test_namesCut(self) -> None:
+        """
+        Model and user names from a body are cut to L{MAX_NAME_CHARS}.
+        """
+        body = orjson.dumps({"model": "m" * 5000, "user": "u" * 5000})
+        facts = format_for("openai").inspect(b"POST", b"/v1/chat/completions", b"", body).facts
+        self.assertEqual((len(facts.model or ""), len(facts.user or "")), (MAX_NAME_CHARS,) * 2)
 
 
 # Every format, endpoint and media type, fed garbage: bytes that are not

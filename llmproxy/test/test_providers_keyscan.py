@@ -4,11 +4,14 @@ Tests for L{llmproxy.providers.keyscan}.
 
 from __future__ import annotations
 
+import contextlib
+
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.providers.keyscan import KeyScanner
+from llmproxy.providers.keyscan import KeyScanner, TooComplexError, top_level
 
 
 def scan(text: bytes, keys: tuple[str, ...], *cuts: int) -> KeyScanner:
@@ -97,3 +100,106 @@ class KeyScannerTests(SynchronousTestCase):
         Any bytes, any split: no exception.
         """
         scan(b'{"usage": ' + text, ("usage", "model"), *[c for c in cuts if c < len(text)])
+
+
+_KEYS = ("model", "stream", "user", "metadata")
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.text(alphabet=st.sampled_from('ab"\\{}[],: \n\u00e9'), max_size=8),
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.sampled_from([*_KEYS, "x", 'k"ey', "{"]), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+class TopLevelTests(SynchronousTestCase):
+    """
+    L{top_level} reads members of a JSON object's top level only, whatever
+    the nesting and strings around them, with bounded work.
+    """
+
+    def test_topLevelOnly(self) -> None:
+        """
+        Keys nested in members before the top-level ones (a tool input, a
+        schema) are not taken for them; the last of a repeated key wins, as
+        parsers keep.
+        """
+        text = (
+            b' {"messages": [{"role": "user", "content": "a \\"model\\": \\"evil\\" {["},'
+            b' {"type": "tool_use", "input": {"model": "evil", "stream": true, "user": "u2"}}],'
+            b' "tools": [{"input_schema": {"properties": {"model": {"type": "string"}}}}],'
+            b' "model": "first", "metadata": {"user_id": "u1", "model": "x"},'
+            b' "model" : "claude-haiku-4-5", "stream":false}'
+        )
+        found = top_level(text, _KEYS)
+        assert found is not None
+        self.assertEqual(
+            found.values,
+            {
+                "model": "claude-haiku-4-5",
+                "metadata": {"user_id": "u1", "model": "x"},
+                "stream": False,
+            },
+        )
+        start, end = found.spans["metadata"]
+        self.assertEqual(orjson.loads(text[start:end]), {"user_id": "u1", "model": "x"})
+        self.assertEqual(text[found.inside - 1 : found.inside], b"{")
+
+    def test_notAnObject(self) -> None:
+        for text in (b"", b"   ", b"[1]", b'"model"', b"\x00{", b"null"):
+            self.assertIsNone(top_level(text, _KEYS), text)
+
+    def test_tooManyStrings(self) -> None:
+        text = b'{"a": [' + b'"x",' * 100 + b'"y"], "model": "m"}'
+        self.assertEqual(top_level(text, _KEYS, max_strings=200).values, {"model": "m"})  # type: ignore[union-attr]
+        self.assertRaises(TooComplexError, top_level, text, _KEYS, max_strings=50)
+
+    def test_unterminatedStrings(self) -> None:
+        """
+        Escaped quotes and strings cut short by the end of the text are
+        walked past once (a scan restarting at every quote would be
+        quadratic): the scan ends, and reads nothing from inside them.
+        """
+        text = b'{"a": "' + b'\\",\\"model\\":1' * 20000
+        self.assertEqual(top_level(text, _KEYS).values, {})  # type: ignore[union-attr]
+        text = b'{"model": "m", "a": [' + b'{"x": "\\"' * 20000
+        self.assertEqual(top_level(text, _KEYS).values, {"model": "m"})  # type: ignore[union-attr]
+
+    def test_longValue(self) -> None:
+        """
+        A value longer than the window is not read, but its span is known.
+        """
+        text = b'{"model": "' + b"m" * 5000 + b'", "user": "u"}'
+        found = top_level(text, _KEYS, window=1024)
+        assert found is not None
+        self.assertEqual(found.values, {"model": None, "user": "u"})
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from([*_KEYS, "x", "messages"]), _json_values, max_size=6))
+    def test_agreesWithParser(self, document: dict[str, object]) -> None:
+        """
+        For any JSON object, the scan finds what a parser finds.
+        """
+        text = orjson.dumps(document)
+        found = top_level(text, _KEYS)
+        assert found is not None
+        expected = {key: value for key, value in document.items() if key in _KEYS}
+        self.assertEqual(found.values, expected)
+        for key, (start, end) in found.spans.items():
+            self.assertEqual(orjson.loads(text[start:end]), document[key])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), st.sampled_from([b"{", b' {"model": "m", "x": ', b'{"a": "']))
+    def test_garbage(self, text: bytes, prefix: bytes) -> None:
+        """
+        Any bytes: a result or L{TooComplexError}, never another exception.
+        """
+        with contextlib.suppress(TooComplexError):
+            top_level(prefix + text, _KEYS, window=64)

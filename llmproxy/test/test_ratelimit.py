@@ -591,6 +591,61 @@ class MemoryLimiterTests(SynchronousTestCase):
         self.assertFalse(self.reserve(limiter, request(11, key_id="k")).allowed)
         self.assertEqual(len(limiter), 0)
 
+    def test_scopes_capped(self) -> None:
+        """
+        Once C{max_tracked_scopes} counters are held, new users, keys and
+        models share one overflow counter per kind, with their own limits:
+        memory stays bounded and nobody escapes a limit; known scopes keep
+        their own counters; a sweep makes room again.
+        """
+        overflowed: list[None] = []
+        limiter = MemoryRateLimiter(
+            evolve(config(Limits(requests_per_minute=100)), max_tracked_scopes=6),
+            self.clock,
+            lambda: overflowed.append(None),
+        )
+        for user in "abcdef":
+            self.assertTrue(self.reserve(limiter, request(user=user)).allowed)
+        # global, provider:openai, user:a to user:d; then e and f overflow.
+        self.assertEqual(len(overflowed), 2)
+        self.assertNotIn(("minute", "user:f"), set(limiter.scopes()))
+        self.assertEqual(len(limiter), 7)
+        shared = limiter._counters["minute"]["user:(overflow)"]
+        self.assertEqual(shared.requests, 2)
+        # user:a has its own counter still.
+        self.assertTrue(self.reserve(limiter, request(user="a")).allowed)
+        self.assertEqual((limiter._counters["minute"]["user:a"].requests, shared.requests), (2, 2))
+        self.clock.advance(120)
+        limiter.sweep()
+        self.assertEqual(len(limiter), 0)
+        self.assertTrue(self.reserve(limiter, request(user="g")).allowed)
+        self.assertIn(("minute", "user:g"), set(limiter.scopes()))
+
+    def test_overflow_limited(self) -> None:
+        """
+        The overflow counter is limited like the scopes it stands for: once
+        the newcomers have used a scope's allowance together, the next one
+        is refused, and the denial names the shared scope.
+        """
+        per_user = Limits(requests_per_minute=2)
+        limiter = MemoryRateLimiter(
+            evolve(
+                config(
+                    Limits(requests_per_minute=100),
+                    overrides=RateLimitOverrides(per_user={f"u{n}": per_user for n in range(5)}),
+                ),
+                max_tracked_scopes=3,
+            ),
+            self.clock,
+        )
+        self.assertTrue(self.reserve(limiter, request(user="u0")).allowed)
+        self.assertTrue(self.reserve(limiter, request(user="u1")).allowed)
+        self.assertTrue(self.reserve(limiter, request(user="u2")).allowed)
+        denied = self.reserve(limiter, request(user="u3"))
+        self.assertFalse(denied.allowed)
+        assert denied.denial is not None
+        self.assertEqual(denied.denial.scope, "user:(overflow)")
+
     def test_reconfigure_keeps_usage(self) -> None:
         """
         New limits apply to the usage already counted.
@@ -606,7 +661,10 @@ class MemoryLimiterTests(SynchronousTestCase):
         100,000 distinct keys, then one sweep interval of idleness: the
         memory held by the limiter returns to (near) what it was before.
         """
-        limiter = MemoryRateLimiter(config(Limits(requests_per_minute=1000000)), self.clock)
+        limiter = MemoryRateLimiter(
+            evolve(config(Limits(requests_per_minute=1000000)), max_tracked_scopes=200_000),
+            self.clock,
+        )
         service = sweeper_service(limiter, 30, self.clock)
         service.startService()
         self.addCleanup(service.stopService)

@@ -26,7 +26,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
-from llmproxy.config import Limits, RateLimitConfig, RedisConfig
+from llmproxy.config import Limits, RateLimitConfig, RateLimitOverrides, RedisConfig
 from llmproxy.ratelimit import (
     BackendUnavailable,
     Decision,
@@ -35,7 +35,7 @@ from llmproxy.ratelimit import (
     limiter_for,
     services_for,
 )
-from llmproxy.ratelimit.redis_backend import parse_redis_url
+from llmproxy.ratelimit.redis_backend import local_share, parse_redis_url
 from llmproxy.test.test_ratelimit import T0, LimiterContractMixin, config, request
 from llmproxy.testing.redis_server import REDIS_SERVER, REDIS_SERVER_MISSING, RedisServer
 
@@ -46,6 +46,30 @@ def real_reactor() -> IReactorTime:
     from twisted.internet import reactor
 
     return reactor
+
+
+class Recorder:
+    """
+    The limiter's metrics, as a list of what it reported.
+    """
+
+    def __init__(self, calls: list[Any] | None = None) -> None:
+        self.calls = calls if calls is not None else []
+
+    def ratelimit_backend_error(self, backend: str) -> None:
+        self.calls.append(1)
+
+    def ratelimit_degraded(self, backend: str, degraded: bool) -> None:
+        self.calls.append(("degraded", degraded))
+
+    def ratelimit_local_decision(self, backend: str) -> None:
+        self.calls.append("local")
+
+    def ratelimit_scope_overflow(self) -> None:
+        self.calls.append("overflow")
+
+    def errors(self) -> int:
+        return self.calls.count(1)
 
 
 class RedisHelpers(TestCase):
@@ -69,7 +93,7 @@ class RedisHelpers(TestCase):
         *,
         timeout_ms: int = 5000,
         fail_mode: Literal["open", "closed"] = "open",
-        hook: list[int] | None = None,
+        hook: list[Any] | None = None,
         start: bool = True,
     ) -> RedisRateLimiter:
         config = evolve(
@@ -78,10 +102,7 @@ class RedisHelpers(TestCase):
             fail_mode=fail_mode,
             redis=RedisConfig(url=url, timeout_ms=timeout_ms),
         )
-        calls = hook if hook is not None else []
-        limiter = RedisRateLimiter(
-            config, clock, real_reactor(), metrics_hook=lambda: calls.append(1)
-        )
+        limiter = RedisRateLimiter(config, clock, real_reactor(), Recorder(hook))
         if start:
             limiter.startService()
             self.addCleanup(limiter.stopService)
@@ -226,9 +247,10 @@ class RedisLimiterTests(RedisHelpers):
 
     async def test_fail_open(self) -> None:
         """
-        With Redis unreachable and C{fail_mode: open}, requests are admitted
-        without a reservation, each failure is counted through the hook, and
-        the warning is logged once per interval, not once per request.
+        With Redis unreachable and C{fail_mode: open}, the first request
+        waits for C{outage_after_failures} timeouts, then an outage begins
+        (one warning, the degraded state reported): requests are decided at
+        once against local counters, within the limits, and counted.
         """
         server = self.start_server()
         server.stop()
@@ -236,12 +258,38 @@ class RedisLimiterTests(RedisHelpers):
 
         @provider(ILogObserver)
         def observe(event: LogEvent) -> None:
-            if "rate-limit backend" in event.get("log_format", ""):
+            if "rate-limit" in event.get("log_format", ""):
                 events.append(event)
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        hook: list[int] = []
+        hook: list[Any] = []
+        limiter = self.redis_limiter(
+            config(Limits(requests_per_minute=2)),
+            server.url(),
+            self.clock,
+            timeout_ms=100,
+            hook=hook,
+        )
+        decisions = [await limiter.reserve(request()) for _ in range(3)]
+        self.assertEqual([d.allowed for d in decisions], [True, True, False])
+        for decision in decisions[:2]:
+            assert decision.reservation is not None
+            self.assertTrue(decision.reservation.local)
+        self.assertEqual(hook.count("local"), 3)
+        self.assertIn(("degraded", True), hook)
+        self.assertEqual(len(events), 1, [e["log_format"] for e in events])
+        self.assertEqual(events[0]["mode"], "open")
+        self.assertEqual(limiter.status()["state"], "degraded")
+
+    async def test_slow_answer_waited_for(self) -> None:
+        """
+        An answer later than C{timeout_ms} (Redis paused, not gone) counts as
+        a failure but is still waited for: the request is decided by Redis,
+        exactly, and no outage begins.
+        """
+        server = self.start_server()
+        hook: list[Any] = []
         limiter = self.redis_limiter(
             config(Limits(requests_per_minute=1)),
             server.url(),
@@ -249,12 +297,16 @@ class RedisLimiterTests(RedisHelpers):
             timeout_ms=100,
             hook=hook,
         )
-        for _ in range(3):
-            decision = await limiter.reserve(request())
-            self.assertEqual(decision, Decision(True, None, None, None, None))
-        self.assertEqual(len(hook), 3)
-        self.assertEqual(len(events), 1)
-        self.assertEqual(events[0]["mode"], "open")
+        self.assertTrue((await limiter.reserve(request())).allowed)
+        server.pause()
+        self.addCleanup(server.resume)
+        pending = limiter.reserve(request())
+        await deferLater(real_reactor(), 0.25, lambda: None)
+        server.resume()
+        decision = await pending
+        self.assertFalse(decision.allowed)
+        self.assertEqual(hook.count(1), 0)
+        self.assertEqual(limiter.status()["state"], "ok")
 
     async def test_fail_closed(self) -> None:
         """
@@ -263,7 +315,7 @@ class RedisLimiterTests(RedisHelpers):
         """
         server = self.start_server()
         server.stop()
-        hook: list[int] = []
+        hook: list[Any] = []
         limiter = self.redis_limiter(
             config(Limits(requests_per_minute=1)),
             server.url(),
@@ -274,7 +326,7 @@ class RedisLimiterTests(RedisHelpers):
         )
         with self.assertRaises(BackendUnavailable):
             await limiter.reserve(request())
-        self.assertEqual(hook, [])
+        self.assertEqual(hook.count(1), 0)
 
     async def test_corrections_dropped_when_unreachable(self) -> None:
         """
@@ -296,22 +348,27 @@ class RedisLimiterTests(RedisHelpers):
         # Neither fails: there is nobody left to tell.
         await limiter.reconcile(reservation, 50)
         await limiter.release(reservation)
-        self.assertEqual(len(hook), 2)
+        self.assertEqual(hook.count(1), 2)
 
     async def test_not_started(self) -> None:
         """
-        Before the service starts there is no backend: the fail mode decides.
+        Before the service starts there is no backend: requests are decided
+        locally.
         """
         server = self.start_server()
         limiter = self.redis_limiter(
             config(Limits(requests_per_minute=1)), server.url(), self.clock, start=False
         )
-        self.assertIsNone((await limiter.reserve(request())).reservation)
+        reservation = (await limiter.reserve(request())).reservation
+        assert reservation is not None
+        self.assertTrue(reservation.local)
 
     async def test_recovers_when_redis_returns(self) -> None:
         """
-        Kill Redis: requests fail open.  Start it again on the same port:
-        within seconds the pool has reconnected and limits apply again.
+        Kill Redis: the outage is noticed at once (the connections close)
+        and requests are decided locally.  Start it again on the same port:
+        within seconds the pool has reconnected, a ping ends the outage and
+        limits apply in Redis again.
         """
         from twisted.internet import reactor
 
@@ -320,12 +377,15 @@ class RedisLimiterTests(RedisHelpers):
         limiter = self.redis_limiter(limits, server.url(), self.clock, timeout_ms=200)
         self.assertIsNotNone((await limiter.reserve(request())).reservation)
         server.stop()
-        self.assertIsNone((await limiter.reserve(request())).reservation)
+        await deferLater(reactor, 0.1, lambda: None)
+        local = (await limiter.reserve(request())).reservation
+        assert local is not None
+        self.assertTrue(local.local)
         server.start()
         started = real_reactor().seconds()
         while True:
             decision = await limiter.reserve(request())
-            if decision.reservation is not None:
+            if decision.reservation is not None and not decision.reservation.local:
                 break
             self.assertLess(real_reactor().seconds() - started, 30, "Redis never came back")
             await deferLater(reactor, 0.1, lambda: None)
@@ -368,12 +428,16 @@ class RedisRecoveryTests(RedisHelpers):
         limiter = self.redis_limiter(
             config(Limits(requests_per_minute=2)), server.url(db=2), clock, timeout_ms=200
         )
-        self.assertIsNone((await limiter.reserve(request())).reservation)
+        first = (await limiter.reserve(request())).reservation
+        self.assertTrue(first is None or first.local)
         await deferLater(reactor, 0.3, lambda: None)
         await maybeDeferred(hangup.stopListening)
         server.start()
         started = real_reactor().seconds()
-        while (await limiter.reserve(request())).reservation is None:
+        while True:
+            reservation = (await limiter.reserve(request())).reservation
+            if reservation is not None and not reservation.local:
+                break
             self.assertLess(real_reactor().seconds() - started, 30, "Redis never came back")
             await deferLater(reactor, 0.1, lambda: None)
         self.assertTrue((await limiter.reserve(request())).allowed)
@@ -409,25 +473,36 @@ class RedisURLTests(SynchronousTestCase):
 
     def test_metrics_object(self) -> None:
         """
-        C{limiter_for} also takes the proxy's metrics object and counts
-        backend errors against the C{redis} backend.
+        C{limiter_for} also takes the proxy's metrics object and reports
+        to it.
         """
 
-        class Counter:
-            def __init__(self) -> None:
-                self.counted: list[str] = []
-
-            def ratelimit_backend_error(self, backend: str) -> None:
-                self.counted.append(backend)
-
-        counter = Counter()
+        counter = Recorder()
         rate = RateLimitConfig(enabled=True, backend="redis", limits=Limits(requests_per_minute=1))
         limiter = limiter_for(rate, Clock(), counter)
         assert limiter is not None
-        # Not started: no backend, so the call fails open and is counted.
+        # Not started: no backend, so the call is decided locally, and counted.
         decision = self.successResultOf(limiter.reserve(request()))
-        self.assertEqual((decision.allowed, decision.reservation), (True, None))
-        self.assertEqual(counter.counted, ["redis"])
+        self.assertTrue(decision.allowed)
+        self.assertEqual(counter.calls, ["local"])
+
+    def test_local_share(self) -> None:
+        """
+        The outage's local counters hold C{outage_limit_fraction} of every
+        limit, rounded up, overrides included; 0 (unlimited) stays 0.
+        """
+        rate = RateLimitConfig(
+            enabled=True,
+            backend="redis",
+            limits=Limits(requests_per_minute=10, tokens_per_day=1001),
+            overrides=RateLimitOverrides(per_user={"ann": Limits(requests_per_minute=3)}),
+            redis=RedisConfig(outage_limit_fraction=0.5),
+        )
+        local = local_share(rate)
+        self.assertEqual(local.backend, "memory")
+        self.assertEqual(local.limits, Limits(requests_per_minute=5, tokens_per_day=501))
+        self.assertEqual(local.overrides.per_user["ann"], Limits(requests_per_minute=2))
+        self.assertEqual(local_share(evolve(rate, redis=RedisConfig())).limits, rate.limits)
 
     def test_limiter_for(self) -> None:
         clock = Clock()

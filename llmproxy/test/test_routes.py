@@ -58,6 +58,23 @@ class RouteTableTests(SynchronousTestCase):
         )
         self.assertIsNone(self.match(b"/openai%2Fv1/chat"))
 
+    def test_user_is_one_raw_segment(self) -> None:
+        """
+        The user is one raw segment, decoded after the split: C{%2F} in it
+        (either case, or double-encoded) is part of the name, never a
+        separator, and the mount after it is decoded on its own.
+        """
+        cases = [
+            (b"/meta/x%2fevil/openai/v1/models", ("openai", "x/evil", b"/v1/models", b"")),
+            (b"/meta/x%252Fevil/openai/v1/models", ("openai", "x%2Fevil", b"/v1/models", b"")),
+            (b"/meta/x/evil/v1/models", ("evil", "x", b"/v1/models", b"")),
+            (b"/meta/x/%6Fpenai/a%2Fb?k=1", ("openai", "x", b"/a%2Fb", b"k=1")),
+        ]
+        for raw, expected in cases:
+            self.assertEqual(self.match(raw), expected, raw)
+        for raw in (b"/meta//openai/v1", b"/meta/x%2Fopenai/v1", b"/meta/x", b"//openai/v1"):
+            self.assertIsNone(self.match(raw), raw)
+
     def test_user_capped(self) -> None:
         found = self.match(b"/meta/" + b"u" * 20_000 + b"/openai/v1")
         assert found is not None

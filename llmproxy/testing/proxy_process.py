@@ -77,6 +77,16 @@ class ProxyProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """
+        The process id, while it runs.
+        """
+        if self.exit_code is not None or self._transport is None:
+            return None
+        pid: int | None = self._transport.pid
+        return pid
+
     @classmethod
     def start(
         cls,

@@ -10,6 +10,7 @@ C{redis-server} binary is not installed.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -143,6 +144,18 @@ class RedisServer:
         if process is not None:
             process.kill()
             process.wait()
+
+    def pause(self) -> None:
+        """
+        Freeze the server (C{SIGSTOP}): connections stay open, nothing
+        answers, as with a server starved of CPU or stuck.
+        """
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def cleanup(self) -> None:
         self.stop()
