@@ -50,6 +50,7 @@ from llmproxy.group.channel import GROUP, Channel, RemoteError
 from llmproxy.group.health import health_snapshot
 from llmproxy.group.listeners import adopting_endpoints
 from llmproxy.group.spec import WorkerSpec
+from llmproxy.group.status import status_snapshot
 from llmproxy.group.view import GroupView
 from llmproxy.logs import WholeLines
 from llmproxy.metrics import Metrics
@@ -102,6 +103,7 @@ class Worker:
         service = build_service(self._reactor, config, spec.configs, descriptions, role)
         service.state.group = self.view
         self.view.provide("health", partial(health_snapshot, service.state))
+        self.view.provide("status", partial(status_snapshot, service.state))
         self.service = service
         return service
 
