@@ -314,36 +314,43 @@ class FactoryTests(SynchronousTestCase):
         )
 
 
-class TwoWorkersTests(SynchronousTestCase):
+class WorkersInMemoryTests(SynchronousTestCase):
     """
-    The request path of two workers in memory, each a whole proxy whose
+    The request path of workers in memory, each a whole proxy whose
     budgets are the master's.
     """
 
-    def test_fifty_against_ten_over_two_workers(self) -> None:
+    def burst(self, workers: int, requests: int, fit: int) -> None:
         """
-        50 requests in flight together, half on each worker, against a
-        budget for 10 worst cases: exactly 10 go upstream over both, 40 get
-        402, and the group's spend is 10 real costs, within the budget.
+        C{requests} requests in flight together, spread evenly over
+        C{workers} workers, against a budget for C{fit} worst cases:
+        exactly C{fit} go upstream, spread over the workers, the rest get
+        402, and the group's spend is C{fit} real costs, within the budget.
         """
         master = Master()
-        config = budget_config(key_entry(budget={"daily_usd": 10 * RESERVED}))
-        workers = [MemoryProxy(config, spend=master.worker()) for _ in range(2)]
+        config = budget_config(key_entry(budget={"daily_usd": fit * RESERVED}))
+        proxies = [MemoryProxy(config, spend=master.worker()) for _ in range(workers)]
         answers: list[Received] = []
-        for number in range(50):
-            proxy = workers[number % 2]
+        for number in range(requests):
+            proxy = proxies[number % workers]
             knobs = with_knobs(bearer(KEY), headers_delay_ms="1000")
             proxy.request(b"POST", CHAT_PATH, knobs, chat()).addCallback(answers.append)
-        for proxy in workers:
+        for proxy in proxies:
             proxy.flush()
-        for proxy in workers:
+        for proxy in proxies:
             proxy.advance(1.5)
         statuses = [received.status for received in answers]
-        self.assertEqual((statuses.count(200), statuses.count(402)), (10, 40))
-        admitted = [len(proxy.fake.received) for proxy in workers]
-        self.assertEqual(sum(admitted), 10)
+        self.assertEqual((statuses.count(200), statuses.count(402)), (fit, requests - fit))
+        admitted = [len(proxy.fake.received) for proxy in proxies]
+        self.assertEqual(sum(admitted), fit)
         self.assertTrue(all(admitted), admitted)
         assert master.store is not None
-        spent = master.store.spent("key:team-a", "day", workers[0].clock.seconds())
-        self.assertAlmostEqual(spent / USD, 10 * COST)
-        self.assertLessEqual(spent / USD, 10 * RESERVED)
+        spent = master.store.spent("key:team-a", "day", proxies[0].clock.seconds())
+        self.assertAlmostEqual(spent / USD, fit * COST)
+        self.assertLessEqual(spent / USD, fit * RESERVED)
+
+    def test_fifty_against_ten_over_two_workers(self) -> None:
+        self.burst(2, 50, 10)
+
+    def test_three_hundred_against_forty_over_three_workers(self) -> None:
+        self.burst(3, 300, 40)
