@@ -83,6 +83,21 @@ class BudgetTests(WorkersTestCase):
         return response
 
     @inlineCallbacks
+    def spent(self, proc: ProxyProcess, key: int, expected: float) -> Any:
+        """
+        Key C{key}'s spend today in C{/metrics}, once it is C{expected} (or
+        after 5 s): a worker's gauge learns the group's spend from the
+        master's answer to a settlement, a moment after the response.
+        """
+        for _ in range(100):
+            text = yield self.scrape(proc)
+            value = metric(text, "llmproxy_budget_spent_usd", key=f"team-{key}", period="day")
+            if abs(value - expected) < 1e-9:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        return value
+
+    @inlineCallbacks
     def test_fifty_against_ten_over_two_workers(self) -> Any:
         """
         50 concurrent requests spread over two workers (the upstream holds
@@ -106,8 +121,7 @@ class BudgetTests(WorkersTestCase):
             codes = [response.code for response in responses]
             self.assertEqual((codes.count(200), codes.count(402)), (10, 40))
             self.assertEqual(len(self.fake.received), 10 * (key + 1))
-            text = yield self.scrape(proc)
-            spent = metric(text, "llmproxy_budget_spent_usd", key=f"team-{key}", period="day")
+            spent = yield self.spent(proc, key, 10 * COST)
             self.assertAlmostEqual(spent, 10 * COST)
             after = yield self.served(proc)
             served = [b - a for a, b in zip(before, after, strict=True)]
@@ -144,6 +158,9 @@ class BudgetTests(WorkersTestCase):
         outcomes = yield DeferredList(held, consumeErrors=True)
         completed = [result for ok, result in outcomes if ok and result.code == 200]
         self.assertGreaterEqual(len(outcomes) - len(completed), 2)
+        # The survivors' settlements have reached the master.
+        spent = yield self.spent(proc, 0, len(completed) * COST)
+        self.assertAlmostEqual(spent, len(completed) * COST)
         greedy = PRICED_CHAT.replace(b'"max_tokens":5', b'"max_tokens":100000')
         refused = yield self.chat(proc, greedy)
         self.assertEqual(refused.code, 402)
