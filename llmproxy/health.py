@@ -7,6 +7,8 @@ nothing and must never call an upstream.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
@@ -16,6 +18,9 @@ DEGRADED_AFTER = 5
 
 DEGRADED_WINDOW_SECONDS = 60.0
 """...when all of them happened within this many seconds."""
+
+UPSTREAM_SEVERITY = {"healthy": 0, "half_open": 1, "open": 2, "rate_limited": 3}
+"""An upstream's states, from the least to the most severe."""
 
 
 @define
@@ -67,3 +72,34 @@ class HealthBoard:
 
     def status(self, name: str) -> str:
         return self.provider(name).status(self._clock.seconds())
+
+
+def status_of(attempts: Iterable[Iterable[tuple[float, bool]]], now: float) -> str:
+    """
+    A provider's status from the recent attempts of several processes (a
+    group of workers): their last L{DEGRADED_AFTER}, in time order, judged
+    as one process's.
+    """
+    merged = ProviderHealth()
+    merged.recent.extend(sorted((at, ok) for recent in attempts for at, ok in recent))
+    return merged.status(now)
+
+
+def merge_upstream(mine: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """
+    One upstream as a group of processes sees it, from each one's entry
+    (C{status}, C{open_models}, C{in_flight}): each process keeps its own
+    circuits, so the state is the most severe any reports, the open models
+    those open in any, and the requests in flight the sum. C{mine} gives
+    the rest of the entry.
+    """
+    return {
+        **mine,
+        "status": max(
+            (entry["status"] for entry in entries),
+            key=lambda status: UPSTREAM_SEVERITY.get(status, 0),
+            default=mine["status"],
+        ),
+        "open_models": sorted({model for entry in entries for model in entry["open_models"]}),
+        "in_flight": sum(entry["in_flight"] for entry in entries),
+    }

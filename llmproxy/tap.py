@@ -27,6 +27,7 @@ from llmproxy import buildinfo
 from llmproxy.allocator import tune_allocator
 from llmproxy.budgets import (
     AlertSender,
+    MemorySpend,
     reconfigure_spend_store,
     spend_services,
     spend_store_for,
@@ -177,12 +178,16 @@ class ProcessRole:
         the description parsed (a worker adopts the master's sockets).
     @ivar memory_limiter: builds the C{memory} rate-limit backend; by default
         counters in this process (a worker asks the master's).
+    @ivar memory_spend: builds the budgets' spend store of the C{memory}
+        backend; by default spend in this process, rebuilt from the cost
+        records (a worker asks the master's).
     @ivar metrics: builds the metrics; a worker counts in the group's files.
     @ivar log_stream: where log lines go; stdout by default.
     """
 
     endpoint_for: Callable[[str], IStreamServerEndpoint] | None = None
     memory_limiter: MemoryBackend | None = None
+    memory_spend: MemorySpend | None = None
     metrics: Callable[[], Metrics] = Metrics
     log_stream: TextSink | None = None
 
@@ -214,7 +219,7 @@ def build_service(
     def spend_error() -> None:
         metrics.ratelimit_backend_error("redis")
 
-    spend = spend_store_for(config, reactor, in_thread, spend_error)
+    spend = spend_store_for(config, reactor, in_thread, spend_error, role.memory_spend)
     alerts = AlertSender(reactor, json_poster(Agent(reactor, pool=pool), reactor))
     runtime = build_runtime(config, agent_for, limiter, spend=spend, alerts=alerts, metrics=metrics)
     sink: ICostSink
@@ -260,7 +265,13 @@ def build_service(
                     service, limiter_children, _limiter_services(new_limiter, new, reactor)
                 )
             new_spend = reconfigure_spend_store(
-                stores["spend"], state.runtime.config, new, reactor, in_thread, spend_error
+                stores["spend"],
+                state.runtime.config,
+                new,
+                reactor,
+                in_thread,
+                spend_error,
+                role.memory_spend,
             )
             if new_spend is not stores["spend"]:
                 _replace_children(service, spend_children, spend_services(new_spend))

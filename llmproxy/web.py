@@ -60,14 +60,18 @@ class Gateway:
         return metrics_resource(self._state.metrics)
 
     @app.route("/status", strict_slashes=False)
-    def status_page(self, request: IRequest) -> bytes:
+    def status_page(self, request: IRequest) -> bytes | Deferred[bytes]:
         return self._status(request, render_page)
 
     @app.route("/status.json")
-    def status_data(self, request: IRequest) -> bytes:
+    def status_data(self, request: IRequest) -> bytes | Deferred[bytes]:
         return self._status(request, render_data)
 
-    def _status(self, request: IRequest, render: Callable[[IRequest, ProxyState], bytes]) -> bytes:
+    def _status(
+        self,
+        request: IRequest,
+        render: Callable[[IRequest, ProxyState], bytes | Deferred[bytes]],
+    ) -> bytes | Deferred[bytes]:
         if not self._state.runtime.config.server.status.enabled:
             return self._not_found(request)
         if request.method not in (b"GET", b"HEAD"):

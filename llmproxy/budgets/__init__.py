@@ -8,6 +8,7 @@ its real cost after (see docs/keys-and-budgets.md).
   - L{memory} and L{redis_store}: where spend is kept (beside the rate
     limiter's backend);
   - L{rebuild}: the memory store's spend, read back from the cost records;
+  - L{remote}: a group's workers sharing the memory store in the master;
   - L{book}: the budgets of one configuration, as admission uses them;
   - L{alerts}: the log line and the webhook when a fraction is crossed.
 
@@ -39,7 +40,8 @@ from llmproxy.budgets.policy import (
 )
 from llmproxy.budgets.rebuild import spend_from_records
 from llmproxy.budgets.redis_store import RedisSpendStore
-from llmproxy.config import AuthConfig, Config
+from llmproxy.budgets.remote import RemoteSpendStore
+from llmproxy.config import AuthConfig, Config, RateLimitConfig
 
 __all__ = [
     "Alert",
@@ -48,9 +50,11 @@ __all__ = [
     "BudgetReservation",
     "Hold",
     "ISpendStore",
+    "MemorySpend",
     "MemorySpendStore",
     "Plan",
     "RedisSpendStore",
+    "RemoteSpendStore",
     "Shortfall",
     "SpendDecision",
     "Spent",
@@ -67,6 +71,13 @@ log = Logger(namespace="llmproxy.budgets")
 
 ThreadRunner = Callable[[Callable[[], Tallies]], Deferred[Tallies]]
 """Runs a blocking read off the reactor thread (the rebuild)."""
+
+MemorySpend = Callable[[RateLimitConfig], ISpendStore]
+"""
+Builds the spend store of the C{memory} backend in a worker of a group: the
+master's store seen through L{llmproxy.budgets.remote} (a process of its
+own keeps a L{MemorySpendStore}).
+"""
 
 
 def tracks_spend(auth: AuthConfig) -> bool:
@@ -100,18 +111,24 @@ def spend_store_for(
     reactor: Any,
     run_in_thread: ThreadRunner,
     metrics_hook: Callable[[], object] | None = None,
+    memory: MemorySpend | None = None,
 ) -> ISpendStore | None:
     """
     The spend store C{config} asks for, beside the rate limiter's backend
     (C{features.rate_limiting.backend}, whether or not limits are on), or
     L{None} when it counts no spend. A memory store starts rebuilding its
     spend from the cost records at once, in a thread.
+
+    @param memory: builds the C{memory} backend's store (see
+        L{MemorySpend}); by default a L{MemorySpendStore} here.
     """
     if not tracks_spend(config.auth):
         return None
     rates = config.features.rate_limiting
     if rates.backend == "redis":
         return RedisSpendStore(rates, reactor, metrics_hook)
+    if memory is not None:
+        return memory(rates)
     store = MemorySpendStore()
     path = _records_path(config)
     capped = any(key.budget for key in config.auth.keys) or config.auth.budgets.per_user
@@ -137,6 +154,7 @@ def reconfigure_spend_store(
     reactor: Any,
     run_in_thread: ThreadRunner,
     metrics_hook: Callable[[], object] | None = None,
+    memory: MemorySpend | None = None,
 ) -> ISpendStore | None:
     """
     The spend store after a reload: the current one while the backend (and
@@ -150,10 +168,13 @@ def reconfigure_spend_store(
     if kept is not None and old_rates.backend == new_rates.backend:
         if isinstance(kept, MemorySpendStore):
             return kept
+        if isinstance(kept, RemoteSpendStore):
+            kept.reconfigure(new_rates)
+            return kept
         if isinstance(kept, RedisSpendStore) and old_rates.redis.url == new_rates.redis.url:
             kept.reconfigure(new_rates)
             return kept
-    return spend_store_for(new, reactor, run_in_thread, metrics_hook)
+    return spend_store_for(new, reactor, run_in_thread, metrics_hook, memory)
 
 
 def spend_services(store: object) -> list[IService]:

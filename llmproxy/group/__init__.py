@@ -10,8 +10,9 @@ directory; the workers reach it over one connection each.
   - L{llmproxy.group.channel}: the connection's framing (length, call id,
     kind, JSON body), calls both ways, replies matched by id;
   - L{llmproxy.group.stateservice}: the master's end, one handler per kind
-    of state (the rate limiter's counters today; budgets' spend and circuit
-    breaker state can be served the same way, each with a kind of its own);
+    of state (the rate limiter's counters, L{llmproxy.ratelimit.remote};
+    budgets' spend, L{llmproxy.budgets.remote}; circuit breaker state could
+    be served the same way, with a kind of its own);
   - L{llmproxy.group.listeners}: the listening sockets, opened in the
     master, passed to the workers and adopted there;
   - L{llmproxy.group.master}: the master: starts, replaces, reloads and

@@ -20,9 +20,10 @@ Each end numbers its own calls, so both can call at once. Frames are
 handled in the order they arrive, so one worker's requests reach the state
 they change in the order it sent them.
 
-Kinds in use: L{GROUP} (who is in the group, snapshots, reloads) and
-L{RATE_LIMIT} (the memory rate limiter's counters). The numbers after them
-are kept for budgets' spend and circuit breaker state.
+Kinds in use: L{GROUP} (who is in the group, snapshots, reloads),
+L{RATE_LIMIT} (the memory rate limiter's counters) and L{BUDGETS} (the
+memory backend's budget spend). The number after them is kept for circuit
+breaker state.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ FAILURE = 1
 GROUP = 2
 RATE_LIMIT = 3
 BUDGETS = 4
-"""Kept for budgets' spend (by scope and period)."""
+"""Budgets' spend, by scope and period (L{llmproxy.budgets.remote})."""
 CIRCUITS = 5
 """Kept for circuit breaker state."""
 

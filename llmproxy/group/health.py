@@ -36,13 +36,11 @@ from twisted.python.failure import Failure
 
 from llmproxy.group.channel import describe
 from llmproxy.group.view import Gathered, GroupView
-from llmproxy.health import ProviderHealth
+from llmproxy.health import merge_upstream, status_of
 from llmproxy.healthreport import health_report
 from llmproxy.runtime import ProxyState
 
 log = Logger(namespace="llmproxy.group")
-
-_SEVERITY = {"healthy": 0, "half_open": 1, "open": 2, "rate_limited": 3}
 
 
 def health_snapshot(state: ProxyState) -> dict[str, Any]:
@@ -72,29 +70,20 @@ def _merge_provider(
     for counter in ("requests", "errors", "active_streams"):
         merged[counter] = sum(report[counter] for report in reports)
     upstreams = {}
-    available = False
     for endpoint, entry in mine["upstreams"].items():
         entries = [
             report["upstreams"][endpoint] for report in reports if endpoint in report["upstreams"]
         ]
-        available = available or any(e["status"] == "healthy" for e in entries)
-        upstreams[endpoint] = {
-            **entry,
-            "status": max(
-                (e["status"] for e in entries),
-                key=lambda s: _SEVERITY.get(s, 0),
-                default=entry["status"],
-            ),
-            "open_models": sorted({model for e in entries for model in e["open_models"]}),
-            "in_flight": sum(e["in_flight"] for e in entries),
-        }
+        upstreams[endpoint] = merge_upstream(entry, entries)
     merged["upstreams"] = upstreams
-    attempts = ProviderHealth()
-    for at, ok in sorted(
-        (at, ok) for snapshot in snapshots for at, ok in snapshot["recent"].get(name, [])
-    ):
-        attempts.recent.append((at, ok))
-    merged["status"] = attempts.status(now) if available else "degraded"
+    available = any(
+        report["upstreams"][endpoint]["status"] == "healthy"
+        for report in reports
+        for endpoint in mine["upstreams"]
+        if endpoint in report["upstreams"]
+    )
+    recent = [snapshot["recent"].get(name, []) for snapshot in snapshots]
+    merged["status"] = status_of(recent, now) if available else "degraded"
     return merged
 
 

@@ -4,7 +4,8 @@ The master of a group of workers (C{server.workers} above 1).
 
 It is the process twistd runs and systemd knows (the main PID): it opens
 the listeners (and never accepts on them), keeps the group's shared state
-(L{llmproxy.group.stateservice}), and runs the workers
+(L{llmproxy.group.stateservice}: the memory rate limiter's counters, the
+budgets' spend), and runs the workers
 (L{llmproxy.group.worker}), each a process serving on the same sockets.
 
   - Start: the listeners are bound before the reactor runs, as in a single
@@ -16,8 +17,9 @@ the listeners (and never accepts on them), keeps the group's shared state
     they serve stop the group with status 1.
   - SIGHUP: the master reads and validates every configuration file first;
     an invalid file changes nothing (the error is logged, as by a single
-    process). Otherwise it takes the new limits itself, then asks every
-    worker to reload, and tells systemd C{READY=1} once they all have.
+    process). Otherwise it takes the new limits itself (and starts or drops
+    the budgets' spend store), then asks every worker to reload, and tells
+    systemd C{READY=1} once they all have.
   - SIGTERM / SIGINT: C{STOPPING=1}; every worker drains as a single process
     does (C{/health} 503, grace, close, finish, flush); the master closes
     its own copies of the listeners after the grace period, waits for the
@@ -53,8 +55,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger
 
+from llmproxy.budgets import MemorySpendStore, spend_store_for, tracks_spend
+from llmproxy.budgets.remote import SpendServer
 from llmproxy.config import Config, RateLimitConfig, load_config
-from llmproxy.group.channel import GROUP, RATE_LIMIT, Channel, RemoteError
+from llmproxy.group.channel import BUDGETS, GROUP, RATE_LIMIT, Channel, RemoteError
 from llmproxy.group.listeners import hold, passed, refusing_factory
 from llmproxy.group.spec import WorkerSpec, worker_environment
 from llmproxy.group.stateservice import StateService
@@ -118,6 +122,8 @@ class MasterService(MultiService):
             reactor, workers, self._spec_for, self._worker_ready, self._give_up, self._worker_ended
         )
         self._limiter: MemoryRateLimiter | None = None
+        self._spend: MemorySpendStore | None = None
+        self._spend_server = SpendServer(lambda: self._spend, reactor)
         self._sweeper: IService | None = None
         self._announced = False
         self._reload_lock = DeferredLock()
@@ -136,7 +142,8 @@ class MasterService(MultiService):
     def privilegedStartService(self) -> None:
         """
         Make the private directory, bind the listeners (and stop accepting
-        on them), host the memory limiter, open the state service.
+        on them), host the memory limiter and spend store, open the state
+        service.
         """
         self.directory = tempfile.mkdtemp(prefix="llmproxy-")
         os.mkdir(self._metrics_directory)
@@ -148,10 +155,12 @@ class MasterService(MultiService):
         handlers = {
             GROUP: self._group_request,
             RATE_LIMIT: serve_limiter(lambda: self._limiter),
+            BUDGETS: self._spend_server.handle,
         }
         state = StateService(reactor, self._state_path, handlers, self._channel_lost)
         state.setServiceParent(self)
         self._host_limiter(self._config.features.rate_limiting)
+        self._host_spend(self._config)
         super().privilegedStartService()
 
     @property
@@ -263,6 +272,7 @@ class MasterService(MultiService):
         return gathered.addCallback(lambda workers: Gathered(facts, tuple(workers)).to_json())
 
     def _channel_lost(self, channel: Channel) -> None:
+        self._spend_server.lost(channel)
         slot = channel.peer
         if slot is not None and slot.channel is channel:
             slot.channel = None
@@ -291,6 +301,18 @@ class MasterService(MultiService):
             old_sweeper.disownServiceParent()
         if self._sweeper is not None:
             self._sweeper.setServiceParent(self)
+
+    def _host_spend(self, config: Config) -> None:
+        """
+        Keep the budgets' spend here when the configuration counts it in
+        memory: rebuilt from the cost records at start (the workers' records
+        all go to that file), kept by a reload as a single process keeps it.
+        """
+        if not tracks_spend(config.auth) or config.features.rate_limiting.backend != "memory":
+            self._spend = None
+        elif self._spend is None:
+            store: object = spend_store_for(config, self._reactor, deferToThread)
+            self._spend = store if isinstance(store, MemorySpendStore) else None
 
     # -- reload ---------------------------------------------------------------
 
@@ -333,6 +355,7 @@ class MasterService(MultiService):
         if self._level is not None:
             self._level.set(config.logging.level)
         self._host_limiter(config.features.rate_limiting)
+        self._host_spend(config)
         workers.generation += 1
         asked = []
         for slot in workers.serving():

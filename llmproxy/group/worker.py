@@ -13,8 +13,8 @@ directory. The worker:
      socket, before the reactor runs) and says who it is;
   3. builds the proxy service of a single process (L{build_service}) with
      a worker's L{ProcessRole}: it adopts the inherited sockets, asks the
-     master for rate-limit decisions, counts metrics in the group's
-     directory, writes whole log lines to the shared stdout;
+     master for rate-limit and budget decisions, counts metrics in the
+     group's directory, writes whole log lines to the shared stdout;
   4. tells the master it is ready once its reactor runs (it accepts from
      then on), and runs until SIGTERM or SIGINT, then drains as a single
      process does and exits 0.
@@ -44,11 +44,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogBeginner
 
 from llmproxy.allocator import tune_allocator
+from llmproxy.budgets.remote import remote_spend_factory
 from llmproxy.config import ConfigError, load_config
 from llmproxy.group.channel import GROUP, Channel, RemoteError
 from llmproxy.group.health import health_snapshot
 from llmproxy.group.listeners import adopting_endpoints
 from llmproxy.group.spec import WorkerSpec
+from llmproxy.group.status import status_snapshot
 from llmproxy.group.view import GroupView
 from llmproxy.logs import WholeLines
 from llmproxy.metrics import Metrics
@@ -93,6 +95,7 @@ class Worker:
         role = ProcessRole(
             endpoint_for=adopting_endpoints(self._reactor, spec.listeners),
             memory_limiter=remote_limiter_factory(self.channel, self._reactor),
+            memory_spend=remote_spend_factory(self.channel, self._reactor),
             metrics=partial(Metrics.for_group, spec.metrics),
             log_stream=WholeLines(sys.stdout.fileno()),
         )
@@ -100,6 +103,7 @@ class Worker:
         service = build_service(self._reactor, config, spec.configs, descriptions, role)
         service.state.group = self.view
         self.view.provide("health", partial(health_snapshot, service.state))
+        self.view.provide("status", partial(status_snapshot, service.state))
         self.service = service
         return service
 

@@ -35,12 +35,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmproxy.config import RateLimitConfig
-from llmproxy.group.channel import RATE_LIMIT, Caller, RemoteError, describe
+from llmproxy.group.channel import RATE_LIMIT, Caller, RemoteError
+from llmproxy.group.client import CALL_TIMEOUT, MasterClient
 from llmproxy.ratelimit.memory import MemoryRateLimiter
 from llmproxy.ratelimit.policy import (
     BackendUnavailable,
@@ -50,14 +50,6 @@ from llmproxy.ratelimit.policy import (
     LimitRequest,
     Reservation,
 )
-
-log = Logger(namespace="llmproxy.ratelimit")
-
-CALL_TIMEOUT = 5.0
-"""Seconds a worker waits for the master's answer before C{fail_mode} decides."""
-
-WARNING_INTERVAL = 10.0
-"""Seconds between two warnings about a master that does not answer."""
 
 
 def _entries(flat: list[list[str]]) -> tuple[tuple[str, str], ...]:
@@ -146,29 +138,12 @@ def serve_limiter(limiter: Callable[[], MemoryRateLimiter | None]) -> Callable[[
 
 
 @implementer(IRateLimiter)
-class RemoteRateLimiter:
+class RemoteRateLimiter(MasterClient):
     """
-    A worker's limiter: every decision is the master's.
+    A worker's limiter: every decision is the master's (the limits
+    themselves are the master's too; L{reconfigure} takes the new
+    C{fail_mode}).
     """
-
-    def __init__(
-        self,
-        config: RateLimitConfig,
-        master: Caller,
-        clock: IReactorTime,
-        on_error: Callable[[], object] | None = None,
-    ) -> None:
-        self._config = config
-        self._master = master
-        self._clock = clock
-        self._on_error = on_error
-        self._last_warning: float | None = None
-
-    def reconfigure(self, config: RateLimitConfig) -> None:
-        """
-        Take the new C{fail_mode}; the limits themselves are the master's.
-        """
-        self._config = config
 
     def reserve(self, request: LimitRequest) -> Deferred[Decision]:
         body = [
@@ -183,18 +158,8 @@ class RemoteRateLimiter:
         return asked.addCallbacks(decode_decision, self._unanswered)
 
     def _unanswered(self, failure: Failure) -> Decision | Failure:
-        if self._on_error is not None:
-            self._on_error()
-        now = self._clock.seconds()
-        if self._last_warning is None or now - self._last_warning >= WARNING_INTERVAL:
-            self._last_warning = now
-            log.warn(
-                "the master did not answer a rate-limit reservation ({error}); "
-                "fail_mode {mode} decides",
-                error=describe(failure),
-                mode=self._config.fail_mode,
-            )
-        if self._config.fail_mode == "closed":
+        self.unanswered("a rate-limit reservation", failure)
+        if self.failing_closed:
             return Failure(BackendUnavailable("the master did not answer"))
         return Decision(allowed=True, reservation=None, denial=None, limit=None, remaining=None)
 

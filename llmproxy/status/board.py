@@ -8,17 +8,26 @@ The request path feeds it with two calls: L{StatusBoard.observe} from the
 accounting phase for every forwarded request, and L{StatusBoard.refused}
 for the requests the proxy answers itself (400, 429, 503, ...). Each is a
 handful of list and dict updates; the sorting, merging and formatting all
-happen in L{StatusBoard.snapshot}, when someone looks.
+happen when someone looks: L{StatusBoard.part} exports what this process
+holds, and L{llmproxy.status.document} composes the page's data from it
+(or from every worker's, in a group).
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from llmproxy.status.document import (
+    MAX_ERRORS,
+    RATE_WINDOW,
+    TIMELINE_POINTS,
+    TIMELINE_STEP,
+    TTFB_MINUTES,
+    compose,
+)
 from llmproxy.status.series import MinuteHistograms, SecondCounts
 from llmproxy.status.tables import (
     CACHE_READ,
@@ -36,32 +45,11 @@ from llmproxy.status.tables import (
 if TYPE_CHECKING:
     from llmproxy.accounting import CallSummary
     from llmproxy.admission import Refused
-    from llmproxy.config import Config, Limits
+    from llmproxy.config import Config
     from llmproxy.inspection import CallFacts
     from llmproxy.pricing import Cost
     from llmproxy.runtime import ProxyState
     from llmproxy.upstream import Upstream
-
-MAX_ERRORS = 50
-"""Errors the page lists, newest first."""
-
-TOP_ROWS = 20
-"""Rows each table of the page shows."""
-
-TIMELINE_STEP = 5
-"""Seconds per point of the 15-minute charts."""
-
-TIMELINE_POINTS = 180
-"""Points of the charts: 180 x 5 s = 15 minutes."""
-
-RATE_WINDOW = 60
-"""Seconds over which the current requests/s and error rate are read."""
-
-TTFB_MINUTES = 5
-"""Minutes over which TTFB p50 and p95 are read."""
-
-REFRESH_SECONDS = 1
-"""How often the page asks for new data."""
 
 CLIENT_CLOSED = 499
 
@@ -105,7 +93,6 @@ class StatusBoard:
         self._clock = clock
         self.enabled = True
         self.track_scopes = False
-        self._limits: Any = None
         self._day = -1
         self._counts = SecondCounts()
         self._ttfb = MinuteHistograms()
@@ -122,9 +109,7 @@ class StatusBoard:
         Take the settings of a (re)loaded configuration.
         """
         self.enabled = config.server.status.enabled
-        limits = config.features.rate_limiting
-        self.track_scopes = self.enabled and limits.enabled
-        self._limits = limits
+        self.track_scopes = self.enabled and config.features.rate_limiting.enabled
 
     def _series(self, provider: str) -> _ProviderSeries:
         found = self._providers.get(provider)
@@ -253,114 +238,54 @@ class StatusBoard:
 
     # -- reading -------------------------------------------------------------------
 
+    def part(self, state: ProxyState) -> dict[str, Any]:
+        """
+        What this process holds for the page, as JSON data that adds up
+        with other processes' (L{llmproxy.status.document.compose} reads
+        one or several): the recent slots of the series, the day's tables,
+        the errors, and the live counters of each provider and upstream.
+        """
+        now = state.clock.seconds()
+        self._turn_day(now)
+        health = state.health
+        providers = {}
+        for name, upstream in state.runtime.upstreams.items():
+            counters = health.provider(name)
+            series = self._providers.get(name) or _ProviderSeries()
+            providers[name] = {
+                "counts": series.counts.export(now, RATE_WINDOW + 1),
+                "ttfb": series.ttfb.export(now, TTFB_MINUTES),
+                "requests": counters.requests,
+                "errors": counters.errors,
+                "active_streams": counters.active_streams,
+                "recent": list(counters.recent),
+                "upstreams": _upstreams(state, name, upstream),
+            }
+        return {
+            "day": self._day,
+            "in_flight": state.inflight,
+            "counts": self._counts.export(now, TIMELINE_STEP * TIMELINE_POINTS + 1),
+            "ttfb": self._ttfb.export(now, TTFB_MINUTES),
+            "providers": providers,
+            "tables": {
+                "by_provider": self._by_provider.rows,
+                "by_model": self._by_model.rows,
+                "by_key": self._by_key.rows,
+                "by_user": self._by_user.rows,
+            },
+            "scopes": self._scopes.export(now) if self.track_scopes else None,
+            "errors": list(self._errors),
+        }
+
     def snapshot(self, state: ProxyState, asking: int = 0) -> dict[str, Any]:
         """
-        The whole page's data, as C{/status.json} serves it.
+        The whole page's data for this process alone, as C{/status.json}
+        serves it outside a group of workers.
 
         @param asking: requests in flight that are the snapshot's own
             (the C{/status.json} request), left out of C{in_flight}.
         """
-        now = state.clock.seconds()
-        self._turn_day(now)
-        runtime = state.runtime
-        health = state.health
-        requests, errors = self._counts.window(now, RATE_WINDOW)
-        count, (p50, p95) = self._ttfb.quantiles(now, TTFB_MINUTES, (0.5, 0.95))
-        providers: dict[str, Any] = {}
-        active_streams = 0
-        for name, upstream in runtime.upstreams.items():
-            counters = health.provider(name)
-            active_streams += counters.active_streams
-            series = self._providers.get(name) or _ProviderSeries()
-            got, failed = series.counts.window(now, RATE_WINDOW)
-            seen, (provider_p50, provider_p95) = series.ttfb.quantiles(
-                now, TTFB_MINUTES, (0.5, 0.95)
-            )
-            status = health.status(name)
-            base_url = upstream.config.base_url
-            providers[name] = {
-                "kind": upstream.config.kind,
-                "status": status,
-                "base_url": base_url,
-                "requests_per_second": round(got / RATE_WINDOW, 3),
-                "error_rate": _ratio(failed, got),
-                "requests": counters.requests,
-                "errors": counters.errors,
-                "active_streams": counters.active_streams,
-                "ttfb_ms": {"p50": provider_p50, "p95": provider_p95, "samples": seen},
-                "upstreams": _upstreams(state, name, upstream),
-            }
-        timeline = self._counts.buckets(now, TIMELINE_STEP, TIMELINE_POINTS)
-        config = runtime.config
-        return {
-            "status": "draining" if state.draining else "healthy",
-            "version": state.build.version,
-            "now": now,
-            "uptime_seconds": round(now - state.started_at, 3),
-            "refresh_seconds": REFRESH_SECONDS,
-            "features": {
-                "rate_limiting": config.features.rate_limiting.enabled,
-                "cost_tracking": config.features.cost_tracking.enabled,
-                "metrics": config.features.metrics.enabled,
-                "tracing": config.features.tracing.enabled,
-            },
-            "totals": {
-                "requests_per_second": round(requests / RATE_WINDOW, 3),
-                "error_rate": _ratio(errors, requests),
-                "window_seconds": RATE_WINDOW,
-                "in_flight": max(0, state.inflight - asking),
-                "active_streams": active_streams,
-                "ttfb_ms": {"p50": p50, "p95": p95, "samples": count, "minutes": TTFB_MINUTES},
-            },
-            "timeline": {
-                "step_seconds": TIMELINE_STEP,
-                "end": int(now),
-                "requests_per_second": [round(got / TIMELINE_STEP, 3) for got, _ in timeline],
-                "error_rate": [_ratio(failed, got) for got, failed in timeline],
-            },
-            "providers": providers,
-            "today": {
-                "date": time.strftime("%Y-%m-%d", time.gmtime(now)),
-                "totals": self._by_provider.totals(),
-                "by_provider": self._by_provider.top(TOP_ROWS),
-                "by_model": self._by_model.top(TOP_ROWS),
-                "by_key": self._by_key.top(TOP_ROWS),
-                "by_user": self._by_user.top(TOP_ROWS),
-            },
-            "cache": {
-                "by_model": self._by_model.cache_top(TOP_ROWS),
-                "by_key": self._by_key.cache_top(TOP_ROWS),
-            },
-            "rate_limits": {
-                "enabled": config.features.rate_limiting.enabled,
-                "scopes": self._scopes.busiest(now, TOP_ROWS, self._minute_limits)
-                if self.track_scopes
-                else [],
-            },
-            "budgets": [],
-            "errors": [dict(entry, time=_iso(entry["time"])) for entry in self._errors],
-        }
-
-    def _minute_limits(self, scope: str) -> tuple[int, int]:
-        """
-        The per-minute request and token limits of a scope, from the
-        configuration.
-        """
-        config = self._limits
-        if config is None:
-            return 0, 0
-        kind, _, name = scope.partition(":")
-        overrides = config.overrides
-        table = {
-            "provider": overrides.per_provider,
-            "model": overrides.per_model,
-            "key": overrides.per_key,
-            "user": overrides.per_user,
-        }.get(kind)
-        limits: Limits = config.limits
-        if table is not None:
-            limits = table.get(name, limits)
-        return limits.requests_per_minute, limits.tokens_per_minute
+        return compose(state, [self.part(state)], asking=asking)
 
 
 def _scopes(facts: CallFacts) -> list[str]:
@@ -377,16 +302,6 @@ def _scopes(facts: CallFacts) -> list[str]:
     return scopes
 
 
-def _ratio(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole else None
-
-
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
-        f".{int((seconds % 1) * 1000):03d}Z"
-    )
-
-
 def _upstreams(state: ProxyState, name: str, upstream: Upstream) -> dict[str, Any]:
     """
     Each upstream of a provider with its circuit state, as C{/health} has it.
@@ -396,7 +311,6 @@ def _upstreams(state: ProxyState, name: str, upstream: Upstream) -> dict[str, An
         status, open_models = state.circuits.describe(name, endpoint.name)
         entries[endpoint.name] = {
             "status": status,
-            "base_url": endpoint.base_url,
             "open_models": open_models,
             "in_flight": state.circuits.in_flight(name, endpoint.name),
         }

@@ -13,8 +13,10 @@ import re
 from importlib.resources import files
 
 import orjson
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
+from llmproxy.group.status import group_status
 from llmproxy.httperrors import ERROR_SOURCE_HEADER, error_body
 from llmproxy.runtime import ProxyState
 from llmproxy.status.access import verdict
@@ -79,9 +81,10 @@ def render_page(request: IRequest, state: ProxyState) -> bytes:
     return PAGE
 
 
-def render_data(request: IRequest, state: ProxyState) -> bytes:
+def render_data(request: IRequest, state: ProxyState) -> bytes | Deferred[bytes]:
     """
-    The page's data as JSON.
+    The page's data as JSON: this process's, or, in a worker of a group,
+    the whole group's (gathered through the master).
     """
     refused = _allowed(request, state)
     if refused is not None:
@@ -89,4 +92,6 @@ def render_data(request: IRequest, state: ProxyState) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
+    if state.group is not None:
+        return group_status(state.group, state, asking=1).addCallback(orjson.dumps)
     return orjson.dumps(state.status.snapshot(state, asking=1))

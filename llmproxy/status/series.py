@@ -6,12 +6,15 @@ minute from which p50 and p95 are read.
 
 Both are rings indexed by the clock: recording is a few list or dict
 operations whatever the traffic, and memory never grows (a slot is reset
-when the ring comes round to it again).
+when the ring comes round to it again). Each can export its recent slots
+as JSON data and absorb another's, so the workers of a group add up to
+one series.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 SPAN_SECONDS = 900
 """Seconds of per-second counts kept: the charts' 15 minutes."""
@@ -77,6 +80,36 @@ class SecondCounts:
             errors += failed
         return requests, errors
 
+    def export(self, now: float, seconds: int) -> list[list[int]]:
+        """
+        The counts of the last C{seconds} seconds (the current one
+        included) that hold any, as C{[second, requests, errors]}.
+        """
+        last = int(now)
+        out = []
+        for second in range(last - min(seconds, self._span) + 1, last + 1):
+            got, failed = self._at(second)
+            if got:
+                out.append([second, got, failed])
+        return out
+
+    def absorb(self, exported: list[list[int]]) -> None:
+        """
+        Add counts another series exported (a slot already holding a later
+        second keeps it).
+        """
+        for second, got, failed in exported:
+            index = second % self._span
+            stamp = self._stamps[index]
+            if stamp > second:
+                continue
+            if stamp != second:
+                self._stamps[index] = second
+                self._requests[index] = 0
+                self._errors[index] = 0
+            self._requests[index] += got
+            self._errors[index] += failed
+
     def buckets(self, now: float, step: int, count: int) -> list[tuple[int, int]]:
         """
         Requests and errors per C{step} seconds, C{count} buckets, oldest
@@ -139,6 +172,36 @@ class MinuteHistograms:
             counts.clear()
         bucket = bucket_of(seconds)
         counts[bucket] = counts.get(bucket, 0) + 1
+
+    def export(self, now: float, minutes: int) -> list[list[Any]]:
+        """
+        The histograms of the last C{minutes} minutes (the current one
+        included) that hold any, as C{[minute, [[bucket, count], ...]]}.
+        """
+        current = int(now // 60)
+        out: list[list[Any]] = []
+        for minute in range(current - min(minutes, self._minutes) + 1, current + 1):
+            index = minute % self._minutes
+            if self._stamps[index] == minute and self._counts[index]:
+                out.append([minute, [list(item) for item in self._counts[index].items()]])
+        return out
+
+    def absorb(self, exported: list[list[Any]]) -> None:
+        """
+        Add histograms another exported (a slot already holding a later
+        minute keeps it).
+        """
+        for minute, buckets in exported:
+            index = minute % self._minutes
+            stamp = self._stamps[index]
+            if stamp > minute:
+                continue
+            counts = self._counts[index]
+            if stamp != minute:
+                self._stamps[index] = minute
+                counts.clear()
+            for bucket, n in buckets:
+                counts[bucket] = counts.get(bucket, 0) + n
 
     def quantiles(
         self, now: float, minutes: int, wanted: tuple[float, ...]

@@ -51,6 +51,15 @@ class UsageTable:
     def clear(self) -> None:
         self.rows.clear()
 
+    def absorb(self, rows: dict[str, list[Any]]) -> None:
+        """
+        Add another table's rows (its C{rows}, as JSON data).
+        """
+        for name, values in rows.items():
+            row = self.row(name)
+            for index, value in enumerate(values):
+                row[index] += value
+
     def top(self, n: int) -> list[dict[str, Any]]:
         """
         The C{n} rows with the highest cost (then the most tokens), as JSON
@@ -150,6 +159,27 @@ class ScopeTable:
     def denied(self, now: float, scope: str) -> None:
         self._turn(now)
         self._row(scope)[2] += 1
+
+    def export(self, now: float) -> dict[str, Any]:
+        """
+        The table as JSON data: its minute and its rows.
+        """
+        self._turn(now)
+        return {"minute": self._minute, "rows": self.rows}
+
+    def absorb(self, exported: dict[str, Any], now: float) -> None:
+        """
+        Add another table's export: its refusals today, and its use this
+        minute if its minute is the current one.
+        """
+        self._turn(now)
+        this_minute = exported["minute"] == self._minute
+        for scope, (requests, tokens, denied) in exported["rows"].items():
+            row = self._row(scope)
+            if this_minute:
+                row[0] += requests
+                row[1] += tokens
+            row[2] += denied
 
     def new_day(self) -> None:
         """

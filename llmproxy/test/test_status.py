@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from llmproxy.config import Config, ConfigError
-from llmproxy.status.board import MAX_ERRORS
+from llmproxy.status.document import MAX_ERRORS
 from llmproxy.status.page import CONTENT_SECURITY_POLICY, PAGE
 from llmproxy.test.test_call import ANTHROPIC, CHAT, CHAT_STREAM, MESSAGES, OPENAI, config
 from llmproxy.test.test_call import with_knobs as knobs

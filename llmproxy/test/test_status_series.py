@@ -90,3 +90,60 @@ class HistogramTests(SynchronousTestCase):
         histograms.add(900, 0.01)  # minute 15 reuses minute 0's slot
         self.assertEqual(histograms.quantiles(900, 15, (0.5,))[0], 2)
         self.assertEqual(histograms.quantiles(99999, 5, (0.5, 0.95)), (0, (None, None)))
+
+
+class MergeTests(SynchronousTestCase):
+    """
+    Series exported by several processes and absorbed into one read as if
+    one process had counted everything.
+    """
+
+    def test_second_counts(self) -> None:
+        one, two, both = SecondCounts(), SecondCounts(), SecondCounts()
+        for second, error in ((90, False), (95, True), (99, False), (100, False)):
+            one.add(second, error)
+            both.add(second, error)
+        for second in (95, 96, 99):
+            two.add(second, False)
+            both.add(second, False)
+        merged = SecondCounts()
+        merged.absorb(one.export(100.5, 900))
+        merged.absorb(two.export(100.5, 900))
+        self.assertEqual(merged.buckets(100.5, 5, 4), both.buckets(100.5, 5, 4))
+        self.assertEqual(merged.window(101.0, 60), (7, 1))
+        # Only the seconds asked for, and only those with counts.
+        self.assertEqual(one.export(100.5, 5), [[99, 1, 0], [100, 1, 0]])
+
+    def test_second_counts_keep_the_later_second(self) -> None:
+        """
+        A slot already holding a later second is not overwritten by an
+        older one a full span back.
+        """
+        merged = SecondCounts(span=10)
+        merged.absorb([[15, 2, 0]])
+        merged.absorb([[5, 7, 7]])
+        self.assertEqual(merged.window(16, 10), (2, 0))
+
+    def test_histograms(self) -> None:
+        """
+        The quantiles of merged histograms are those of all the samples:
+        here neither process alone has the group's p95.
+        """
+        fast, slow, both = MinuteHistograms(), MinuteHistograms(), MinuteHistograms()
+        for index in range(90):
+            fast.add(600 + index, 0.1)
+            both.add(600 + index, 0.1)
+        for index in range(10):
+            slow.add(650 + index, 2.0)
+            both.add(650 + index, 2.0)
+        merged = MinuteHistograms()
+        for histograms in (fast, slow):
+            merged.absorb(histograms.export(700, 5))
+        wanted = (0.5, 0.95)
+        self.assertEqual(merged.quantiles(700, 5, wanted), both.quantiles(700, 5, wanted))
+        self.assertEqual(merged.quantiles(700, 5, wanted)[0], 100)
+        self.assertEqual(fast.export(2000, 5), [])
+        older = MinuteHistograms(minutes=15)
+        older.absorb([[30, [[10, 1]]]])
+        older.absorb([[15, [[10, 5]]]])
+        self.assertEqual(older.quantiles(30 * 60, 15, (0.5,))[0], 1)

@@ -74,3 +74,42 @@ class ScopeTableTests(SynchronousTestCase):
             table.used(0.0, [f"key:{index}"], 1)
         self.assertEqual(len(table.rows), 3)
         self.assertEqual(table.rows[OTHER][0], 48)
+
+
+class MergeTests(SynchronousTestCase):
+    def test_usage_rows_add_up(self) -> None:
+        one, two = UsageTable(), UsageTable()
+        one.row("a")[REQUESTS] += 2
+        one.row(None)[COST] += 0.5
+        two.row("a")[REQUESTS] += 3
+        two.row("b")[INPUT] += 7
+        merged = UsageTable(cap=2)
+        merged.absorb(one.rows)
+        merged.absorb(two.rows)
+        self.assertEqual(merged.rows["a"][REQUESTS], 5)
+        self.assertEqual(merged.rows["(none)"][COST], 0.5)
+        # Past the cap, as when counting: into (other).
+        self.assertEqual(merged.rows[OTHER][INPUT], 7)
+        self.assertEqual(merged.totals()["requests"], 5)
+
+    def test_scopes(self) -> None:
+        """
+        Use this minute adds up when the export is of the current minute;
+        refusals today always do.
+        """
+        one, two = ScopeTable(), ScopeTable()
+        one.used(60.0, ["global"], 10)
+        one.denied(61.0, "global")
+        two.used(65.0, ["global"], 5)
+        stale = ScopeTable()
+        stale.used(0.0, ["global"], 99)
+        stale.denied(1.0, "global")
+        merged = ScopeTable()
+        for table in (one, two):
+            merged.absorb(table.export(70.0), 70.0)
+        merged.absorb(stale.export(1.0), 70.0)
+        [row] = merged.busiest(70.0, 5, lambda scope: (10, 100))
+        self.assertEqual(
+            (row["requests_this_minute"], row["tokens_this_minute"], row["denied_today"]),
+            (2, 15, 2),
+        )

@@ -2,10 +2,11 @@
 A group of workers (C{--workers N}): the real master and worker processes,
 on loopback, against the fake upstream in this process.
 
-What must stay true with several workers: rate limits exact across them,
-one C{/metrics} and C{/health} for the group, one cost-record file with
-whole lines, a drain that loses nothing, a dead worker replaced at once,
-SIGHUP and systemd handled by the master.
+What must stay true with several workers: rate limits exact across them
+(budgets: L{tests.e2e.test_workers_budgets}), one C{/metrics}, C{/health}
+and C{/status} for the group, one cost-record file with whole lines, a
+drain that loses nothing, a dead worker replaced at once, SIGHUP and
+systemd handled by the master.
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ class GroupViewTests(WorkersTestCase):
         """
         After 400 concurrent requests served by both workers: every scrape
         of C{/metrics} (whichever worker answers) counts all 400, C{/health}
-        sums both workers' counters, and the one cost-record file holds 400
-        whole lines, one per request.
+        and C{/status.json} sum both workers' counters, and the one
+        cost-record file holds 400 whole lines, one per request.
         """
         costs = os.path.join(self.directory, "costs.jsonl")
         path = self.config(
@@ -206,6 +207,19 @@ class GroupViewTests(WorkersTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(body["status"], "healthy")
         self.assertEqual(body["providers"]["openai"]["requests"], 400)
+        # The charts end with the last whole second.
+        yield deferLater(reactor, 1.1, lambda: None)
+        for _ in range(6):
+            response = yield self.http.get(proc.url + "/status.json")
+            self.assertEqual(response.code, 200)
+            status = orjson.loads((yield content(response)))
+            self.assertNotIn("group", status)
+            self.assertEqual(status["today"]["totals"]["requests"], 400)
+            self.assertEqual(status["providers"]["openai"]["requests"], 400)
+            self.assertEqual(status["totals"]["ttfb_ms"]["samples"], 400)
+            self.assertEqual(round(sum(status["timeline"]["requests_per_second"]) * 5), 400)
+            self.assertEqual(status["totals"]["in_flight"], 0)
+            self.assertEqual([w["status"] for w in status["workers"]], ["serving", "serving"])
         self.assertEqual([w["status"] for w in body["workers"]], ["serving", "serving"])
         self.assertEqual(len({w["pid"] for w in body["workers"]}), 2)
 
