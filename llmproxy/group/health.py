@@ -98,6 +98,12 @@ def merge_health(local: dict[str, Any], gathered: Gathered, now: float) -> dict[
         name: _merge_provider(mine, name, snapshots, now)
         for name, mine in local["providers"].items()
     }
+    if snapshots and "connections" in local:
+        # Each worker keeps server.max_connections for itself.
+        body["connections"] = {
+            "open": sum(s["report"]["connections"]["open"] for s in snapshots),
+            "max": local["connections"]["max"] * len(gathered.workers),
+        }
     if gathered.master.draining:
         body["status"] = "draining"
     body["uptime_seconds"] = round(now - gathered.master.started_at, 3)

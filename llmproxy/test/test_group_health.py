@@ -28,6 +28,7 @@ def report(requests: int, errors: int, streams: int, status: str = "healthy") ->
         "version": "1",
         "uptime_seconds": 5.0,
         "build": {"version": "1"},
+        "connections": {"open": streams, "max": 100},
         "providers": {
             "openai": {
                 "status": "healthy",
@@ -69,7 +70,7 @@ def gathered(*snapshots: dict[str, Any] | None, draining: bool = False) -> Gathe
 class MergeTests(SynchronousTestCase):
     def test_sums(self) -> None:
         """
-        Counters are the sum of every worker's; the body keeps the answering
+        Counters (and open connections) are the sum of every worker's; the body keeps the answering
         worker's shape, with the master's uptime and a line per worker.
         """
         body = merge_health(report(1, 0, 0), gathered(snapshot(3, 1, 2), snapshot(4, 0, 1)), NOW)
@@ -82,6 +83,8 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(body["status"], "healthy")
         self.assertEqual(body["uptime_seconds"], 60.0)
         self.assertEqual(body["spare_worker"], {"pid": 777})
+        # Each worker keeps its own server.max_connections.
+        self.assertEqual(body["connections"], {"open": 3, "max": 200})
         self.assertEqual(
             body["workers"],
             [
