@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy.auth import Keyring
-from llmproxy.budgets import AlertSender, BudgetBook, ISpendStore
+from llmproxy.budgets import AlertSender, BudgetBook, ISpendStore, SpendWatch, budget_caps
 from llmproxy.buildinfo import BuildInfo
 from llmproxy.circuits import CircuitBoard, State
 from llmproxy.config import Config
@@ -63,6 +63,7 @@ def build_runtime(
     spend: ISpendStore | None = None,
     alerts: AlertSender | None = None,
     metrics: Metrics | None = None,
+    watch: SpendWatch | None = None,
 ) -> Runtime:
     """
     Derive a L{Runtime} from C{config}. Disabled providers are not mounted.
@@ -70,6 +71,8 @@ def build_runtime(
     @param spend: the process's spend store, when C{config} counts spend.
     @param alerts: where budget alerts go.
     @param metrics: the process's metrics, which learn the keys' budgets.
+    @param watch: who learns each capped budget's spend after a settlement
+        (the process's status board, L{StatusBoard.budget_spent}).
     """
     upstreams = {
         name: build_upstream(provider, agent_for)
@@ -79,7 +82,7 @@ def build_runtime(
     prices = PriceBook.from_config(config)
     budgets = None
     if spend is not None and metrics is not None:
-        budgets = BudgetBook(config.auth, prices, spend, alerts, metrics)
+        budgets = BudgetBook(config.auth, prices, spend, alerts, metrics, watch)
     if metrics is not None:
         publish_budgets(config, metrics)
     return Runtime(
@@ -97,13 +100,11 @@ def publish_budgets(config: Config, metrics: Metrics) -> None:
     """
     Tell the metrics which proxy keys exist and what their budgets are.
     """
-    limits: dict[tuple[str, str], float] = {}
-    for key in config.auth.keys:
-        budget = key.budget
-        if budget is not None:
-            for period, usd in (("day", budget.daily_usd), ("month", budget.monthly_usd)):
-                if usd is not None:
-                    limits[(key.id, period)] = usd
+    limits = {
+        (scope.removeprefix("key:"), period): usd
+        for (scope, period), usd in budget_caps(config.auth).items()
+        if scope.startswith("key:")
+    }
     metrics.budget_keys({key.id for key in config.auth.keys}, limits)
 
 

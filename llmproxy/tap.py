@@ -49,6 +49,7 @@ from llmproxy.runtime import ProxyState, Runtime, build_runtime
 from llmproxy.service import ProxyService, describe_listen
 from llmproxy.shared_circuits import SharedCircuits
 from llmproxy.sinks import ICostSink, cost_sink_for
+from llmproxy.status import StatusBoard
 from llmproxy.tracing import ITracer, tracer_for
 from llmproxy.upstream import make_pool, pooled_agents
 from llmproxy.web import gateway_site
@@ -221,7 +222,16 @@ def build_service(
 
     spend = spend_store_for(config, reactor, in_thread, spend_error, role.memory_spend)
     alerts = AlertSender(reactor, json_poster(Agent(reactor, pool=pool), reactor))
-    runtime = build_runtime(config, agent_for, limiter, spend=spend, alerts=alerts, metrics=metrics)
+    status = StatusBoard(reactor)
+    runtime = build_runtime(
+        config,
+        agent_for,
+        limiter,
+        spend=spend,
+        alerts=alerts,
+        metrics=metrics,
+        watch=status.budget_spent,
+    )
     sink: ICostSink
     sink, sink_service = cost_sink_for(config.features.cost_tracking, reactor, metrics)
     tracer = tracer_for(config.features.tracing, reactor)
@@ -234,6 +244,7 @@ def build_service(
         build=buildinfo.load(),
         started_at=reactor.seconds(),
         tracer=tracer,
+        status=status,
     )
     site = gateway_site(state)
 
@@ -281,7 +292,13 @@ def build_service(
             if new.features.tracing.enabled != config.features.tracing.enabled:
                 log.warn("features.tracing.enabled changes take effect at the next restart")
             runtime = build_runtime(
-                new, agent_for, new_limiter, spend=new_spend, alerts=alerts, metrics=metrics
+                new,
+                agent_for,
+                new_limiter,
+                spend=new_spend,
+                alerts=alerts,
+                metrics=metrics,
+                watch=status.budget_spent,
             )
             state.status.configure(new)
             return runtime

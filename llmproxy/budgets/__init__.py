@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from llmproxy.budgets.alerts import Alert, AlertSender
-from llmproxy.budgets.book import BudgetBook, Plan, Unpriced
+from llmproxy.budgets.book import BudgetBook, Plan, SpendWatch, Unpriced, budget_caps
 from llmproxy.budgets.memory import MemorySpendStore, Tallies
 from llmproxy.budgets.policy import (
     BudgetReservation,
@@ -57,8 +57,10 @@ __all__ = [
     "RemoteSpendStore",
     "Shortfall",
     "SpendDecision",
+    "SpendWatch",
     "Spent",
     "Unpriced",
+    "budget_caps",
     "nanos_to_usd",
     "period_end",
     "reconfigure_spend_store",

@@ -4,7 +4,8 @@ The budgets of one configuration, as the admission phase uses them: which
 budgets a request counts against and what it may cost at most
 (L{BudgetBook.plan}), the reservation (L{BudgetBook.reserve}), and the
 settlement with what it really cost (L{BudgetBook.settle}), which also
-updates the spend metrics and raises the alerts.
+updates the spend metrics, raises the alerts and tells a L{SpendWatch}
+(the status page) what each capped budget has spent.
 
 Nothing here knows HTTP: the admission phase turns a L{Shortfall} or an
 L{Unpriced} into the answer a client gets.
@@ -13,6 +14,7 @@ L{Unpriced} into the answer a client gets.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -74,8 +76,40 @@ class Unpriced:
     model: str
 
 
+class SpendWatch(Protocol):
+    """
+    Who learns, after each settlement, what every capped budget it touched
+    has spent: the status page, which shows the budgets nearest their caps.
+    """
+
+    def __call__(self, scope: str, period: str, spent: int, limit: int, now: float) -> None:
+        """
+        @param scope: C{key:<id>} or C{user:<user>}.
+        @param period: C{day} or C{month}.
+        @param spent: the scope's spend in the period C{now} falls in, in
+            nano-USD (with a shared store, every instance's or worker's).
+        @param limit: the cap, in nano-USD.
+        @param now: the clock of the settlement, which picks the period.
+        """
+
+
 def _capped(budget: Budget) -> bool:
     return budget.daily_usd is not None or budget.monthly_usd is not None
+
+
+def budget_caps(auth: AuthConfig) -> dict[tuple[str, str], float]:
+    """
+    Every cap of a configuration: C{(scope, period) -> USD}, for the
+    proxy keys' budgets and the users'.
+    """
+    budgets = [(f"key:{key.id}", key.budget) for key in auth.keys if key.budget is not None]
+    budgets += [(f"user:{user}", budget) for user, budget in auth.budgets.per_user.items()]
+    return {
+        (scope, period): usd
+        for scope, budget in budgets
+        for period, usd in (("day", budget.daily_usd), ("month", budget.monthly_usd))
+        if usd is not None
+    }
 
 
 class BudgetBook:
@@ -90,13 +124,18 @@ class BudgetBook:
         store: ISpendStore,
         alerts: AlertSender | None,
         metrics: Metrics,
+        watch: SpendWatch | None = None,
     ) -> None:
+        """
+        @param watch: told each capped budget's spend after a settlement.
+        """
         self._per_user: Mapping[str, Budget] = auth.budgets.per_user
         self._webhook = auth.alerts.webhook_url
         self._prices = prices
         self._store = store
         self._alerts = alerts
         self._metrics = metrics
+        self._watch = watch
 
     def plan(
         self,
@@ -177,15 +216,18 @@ class BudgetBook:
             for hold in reservation.holds
         ]
         settled = self._store.settle(reservation, charges, now)
-        settled.addCallback(self._settled, plan).addErrback(
+        settled.addCallback(self._settled, plan, now).addErrback(
             lambda failure: log.failure("budget settlement failed", failure)
         )
 
-    def _settled(self, figures: tuple[Spent, ...], plan: Plan) -> None:
+    def _settled(self, figures: tuple[Spent, ...], plan: Plan, now: float) -> None:
+        watch = self._watch
         for figure in figures:
             hold = figure.hold
             if plan.key_id is not None and hold.scope.startswith("key:"):
                 self._metrics.budget_spent(plan.key_id, hold.period, nanos_to_usd(figure.spent))
+            if watch is not None and hold.limit is not None:
+                watch(hold.scope, hold.period, figure.spent, hold.limit, now)
             for fraction in figure.crossed:
                 self._alert(plan, hold, figure.spent, fraction)
 

@@ -6,11 +6,13 @@ document by C{/status.json} (and so by C{/status}).
 
 The request path feeds it with two calls: L{StatusBoard.observe} from the
 accounting phase for every forwarded request, and L{StatusBoard.refused}
-for the requests the proxy answers itself (400, 429, 503, ...). Each is a
-handful of list and dict updates; the sorting, merging and formatting all
-happen when someone looks: L{StatusBoard.part} exports what this process
-holds, and L{llmproxy.status.document} composes the page's data from it
-(or from every worker's, in a group).
+for the requests the proxy answers itself (400, 429, 503, ...); the
+budgets tell it their spend after each settlement
+(L{StatusBoard.budget_spent}). Each is a handful of list and dict
+updates; the sorting, merging and formatting all happen when someone
+looks: L{StatusBoard.part} exports what this process holds, and
+L{llmproxy.status.document} composes the page's data from it (or from
+every worker's, in a group).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from llmproxy.status.tables import (
     OUTPUT,
     REQUESTS,
     UNPRICED,
+    BudgetTable,
     ScopeTable,
     UsageTable,
 )
@@ -102,6 +105,7 @@ class StatusBoard:
         self._by_key = UsageTable()
         self._by_user = UsageTable()
         self._scopes = ScopeTable()
+        self._budgets = BudgetTable()
         self._errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
 
     def configure(self, config: Config) -> None:
@@ -207,6 +211,14 @@ class StatusBoard:
         kind = _REFUSAL_KINDS.get(refusal.status, f"status_{refusal.status}")
         self._error(now, facts, provider, model, refusal.status, "proxy", kind, refusal.message)
 
+    def budget_spent(self, scope: str, period: str, spent: int, limit: int, now: float) -> None:
+        """
+        A settlement left a capped budget at C{spent} of C{limit} (nano-USD)
+        in C{period} (a L{llmproxy.budgets.SpendWatch}).
+        """
+        if self.enabled:
+            self._budgets.spent(now, scope, period, spent, limit)
+
     def _error(
         self,
         now: float,
@@ -243,7 +255,8 @@ class StatusBoard:
         What this process holds for the page, as JSON data that adds up
         with other processes' (L{llmproxy.status.document.compose} reads
         one or several): the recent slots of the series, the day's tables,
-        the errors, and the live counters of each provider and upstream.
+        the budgets' spend, the errors, and the live counters of each
+        provider and upstream.
         """
         now = state.clock.seconds()
         self._turn_day(now)
@@ -274,6 +287,7 @@ class StatusBoard:
                 "by_user": self._by_user.rows,
             },
             "scopes": self._scopes.export(now) if self.track_scopes else None,
+            "budgets": self._budgets.export(now),
             "errors": list(self._errors),
         }
 

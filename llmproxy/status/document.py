@@ -6,9 +6,11 @@ the parts of one process or of every worker of a group
 
 Parts add up: per-second counts and TTFB histograms are added slot by slot
 before rates and quantiles are read from them, the day's tables row by
-row, the providers' counters summed; the errors are the newest
-L{MAX_ERRORS} of all; an upstream shows the most severe state any process
-has for it (each keeps its own circuit breakers). The rest (the providers
+row, the providers' counters summed; a budget shows the largest spend any
+part saw in the current period (each worker learns the whole group's
+spend at its own settlements, so the largest is the freshest); the errors
+are the newest L{MAX_ERRORS} of all; an upstream shows the most severe
+state any process has for it (each keeps its own circuit breakers). The rest (the providers
 and their upstreams, the features, the limits) is the answering process's
 configuration.
 """
@@ -19,12 +21,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from llmproxy.budgets import budget_caps
+from llmproxy.budgets.policy import usd_to_nanos
 from llmproxy.health import merge_upstream, status_of
 from llmproxy.status.series import MinuteHistograms, SecondCounts
-from llmproxy.status.tables import ScopeTable, UsageTable
+from llmproxy.status.tables import BudgetTable, ScopeTable, UsageTable
 
 if TYPE_CHECKING:
-    from llmproxy.config import Limits, ProviderConfig, RateLimitConfig
+    from llmproxy.config import AuthConfig, Limits, ProviderConfig, RateLimitConfig
     from llmproxy.runtime import ProxyState
 
 MAX_ERRORS = 50
@@ -133,7 +137,7 @@ def compose(
             "enabled": limits.enabled,
             "scopes": _busiest(parts, now, today, limits),
         },
-        "budgets": [],
+        "budgets": _budgets(parts, now, config.auth),
         "errors": [dict(entry, time=_iso(entry["time"])) for entry in errors_seen],
     }
 
@@ -201,6 +205,18 @@ def _busiest(
     for table in exported:
         scopes.absorb(table, now)
     return scopes.busiest(now, TOP_ROWS, minute_limits(limits))
+
+
+def _budgets(parts: Sequence[dict[str, Any]], now: float, auth: AuthConfig) -> list[dict[str, Any]]:
+    """
+    The budgets with the largest share of their cap spent, over every part,
+    against the caps of the configuration in force.
+    """
+    budgets = BudgetTable()
+    for part in parts:
+        budgets.absorb(part["budgets"], now)
+    caps = {key: usd_to_nanos(usd) for key, usd in budget_caps(auth).items()}
+    return budgets.busiest(now, TOP_ROWS, caps)
 
 
 def minute_limits(config: RateLimitConfig) -> Callable[[str], tuple[int, int]]:

@@ -1,17 +1,21 @@
 # -*- test-case-name: llmproxy.test.test_status_tables -*-
 """
 Bounded tables for the status page: tokens and cost per provider, model,
-key or user since the start of the UTC day, and rate-limit use per scope.
+key or user since the start of the UTC day, rate-limit use per scope, and
+the spend of capped budgets.
 
 Names come from clients (models, users, key ids), so each table holds at
 most L{MAX_ROWS} of them: once full, every new name is counted in one
-C{(other)} row, which keeps the totals exact and the memory fixed.
+C{(other)} row, which keeps the totals exact and the memory fixed. The
+budget table keeps its busiest rows instead (L{BudgetTable}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from llmproxy.budgets.policy import PERIODS, nanos_to_usd, period_id
 
 MAX_ROWS = 1000
 """Distinct names a table keeps before folding new ones into C{(other)}."""
@@ -219,3 +223,122 @@ class ScopeTable:
             }
             for use, denied, requests, scope, request_limit, token_limit, tokens in ranked[:n]
         ]
+
+
+class BudgetTable:
+    """
+    The spend of each capped budget (a scope and a period, C{day} or
+    C{month}) in the current UTC day and month, as settlements report it.
+
+    A figure is the scope's whole spend in the period, not an increment
+    (with a shared store, the spend of every instance or worker): the
+    largest figure of a period is the freshest, so rows keep the largest,
+    and tables of several processes merge by taking it too.
+
+    Scopes come from the configuration, but a configuration may have many
+    keys: once the table holds C{cap} rows, a new one first drops the less
+    used half. A dropped scope loses nothing: its next settlement brings it
+    back with its whole spend.
+    """
+
+    __slots__ = ("_cap", "_periods", "rows")
+
+    def __init__(self, cap: int = MAX_ROWS) -> None:
+        self._cap = cap
+        # period -> its current id (2026-12-03, 2026-12): the newest seen
+        self._periods = dict.fromkeys(PERIODS, "")
+        # (scope, period) -> [spent, limit], nano-USD
+        self.rows: dict[tuple[str, str], list[int]] = {}
+
+    def _turn(self, now: float) -> dict[str, str]:
+        """
+        Move to the periods C{now} falls in when they are newer (forgetting
+        the rows of the ended ones); C{now}'s periods.
+        """
+        periods = {period: period_id(period, now) for period in PERIODS}
+        ended = [period for period, ident in periods.items() if ident > self._periods[period]]
+        if ended:
+            self._periods.update({period: periods[period] for period in ended})
+            self.rows = {key: row for key, row in self.rows.items() if key[1] not in ended}
+        return periods
+
+    def _note(self, scope: str, period: str, spent: int, limit: int) -> None:
+        key = (scope, period)
+        row = self.rows.get(key)
+        if row is None:
+            if len(self.rows) >= self._cap:
+                self._prune()
+            self.rows[key] = [spent, limit]
+        elif spent >= row[0]:
+            row[0], row[1] = spent, limit
+
+    def _prune(self) -> None:
+        ranked = sorted(self.rows.items(), key=_busier)
+        self.rows = dict(ranked[: self._cap // 2])
+
+    def spent(self, now: float, scope: str, period: str, spent: int, limit: int) -> None:
+        """
+        A settlement at C{now} left C{scope} at C{spent} of C{limit}
+        (nano-USD) in C{period}. A figure of a period already over (an
+        answer that arrived after midnight) is ignored.
+        """
+        periods = self._turn(now)
+        if periods[period] == self._periods[period]:
+            self._note(scope, period, spent, limit)
+
+    def export(self, now: float) -> dict[str, Any]:
+        """
+        The table as JSON data: its periods and its rows.
+        """
+        self._turn(now)
+        return {
+            "periods": dict(self._periods),
+            "rows": [[scope, period, *row] for (scope, period), row in self.rows.items()],
+        }
+
+    def absorb(self, exported: dict[str, Any], now: float) -> None:
+        """
+        Merge another table's export: for each budget of a current period,
+        the largest spend.
+        """
+        self._turn(now)
+        current = [p for p in PERIODS if exported["periods"].get(p) == self._periods[p]]
+        for scope, period, spent, limit in exported["rows"]:
+            if period in current:
+                self._note(scope, period, spent, limit)
+
+    def busiest(
+        self, now: float, n: int, caps: Mapping[tuple[str, str], int] | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        The C{n} budgets with the largest share of their cap spent (a cap
+        of 0 is all spent), then the largest spend.
+
+        @param caps: the caps in force (nano-USD), when they may differ from
+            what the last settlements knew (a reload): a budget not among
+            them is no longer capped and is left out; by default, the caps
+            the settlements reported.
+        """
+        self._turn(now)
+        rows = self.rows.items()
+        if caps is not None:
+            rows = {key: [spent, caps[key]] for key, (spent, _) in rows if key in caps}.items()
+        return [
+            {
+                "scope": scope,
+                "period": period,
+                "spent_usd": nanos_to_usd(spent),
+                "limit_usd": nanos_to_usd(limit),
+                "use": round(_share(spent, limit), 4),
+            }
+            for (scope, period), (spent, limit) in sorted(rows, key=_busier)[:n]
+        ]
+
+
+def _share(spent: int, limit: int) -> float:
+    return spent / limit if limit else 1.0
+
+
+def _busier(item: tuple[tuple[str, str], list[int]]) -> tuple[float, int, str, str]:
+    (scope, period), (spent, limit) = item
+    return (-_share(spent, limit), -spent, scope, period)

@@ -13,13 +13,17 @@ import orjson
 from twisted.internet.defer import fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmproxy.budgets import MemorySpendStore, nanos_to_usd
 from llmproxy.circuits import ANY_MODEL
 from llmproxy.group.channel import GROUP, RemoteError
 from llmproxy.group.status import merge_status, status_snapshot
 from llmproxy.group.view import Gathered, GroupView, MasterFacts, WorkerSnapshot
 from llmproxy.status.document import MAX_ERRORS
+from llmproxy.test.test_budgets_calls import budget_config, chat
 from llmproxy.test.test_call import CHAT, CHAT_STREAM, OPENAI, config, with_knobs
 from llmproxy.test.test_group_health import FakeMaster
+from llmproxy.test.test_keys import KEY, bearer, key_entry
+from llmproxy.test.test_status import charged
 from llmproxy.testing.memory import MemoryProxy, Received
 
 CHAT_PATH = b"/openai/v1/chat/completions"
@@ -153,6 +157,43 @@ class MergeTests(SynchronousTestCase):
         data = merge_status(self.workers[0].state, gathered(part, None))
         self.assertEqual(data["today"]["totals"]["requests"], 3)
         self.assertEqual([w["status"] for w in data["workers"]], ["serving", "unresponsive"])
+
+
+class BudgetMergeTests(SynchronousTestCase):
+    """
+    Two proxies in memory over one spend store stand for two workers over
+    the master's: each learns the group's spend at its own settlements.
+    """
+
+    def test_largest_spend(self) -> None:
+        """
+        The page shows the spend of the worker that settled last: the
+        largest, which is the group's.
+        """
+        store = MemorySpendStore()
+        daily = 1.0
+        workers = [
+            MemoryProxy(budget_config(key_entry(budget={"daily_usd": daily})), spend=store)
+            for _ in range(2)
+        ]
+        for proxy, count in zip(workers, (3, 2), strict=True):
+            answers: list[Received] = []
+            for _ in range(count):
+                sent = proxy.request(b"POST", CHAT_PATH, bearer(KEY), chat())
+                sent.addCallback(answers.append)
+            proxy.advance(0.5)
+            self.assertEqual([answer.status for answer in answers], [200] * count)
+        records = [record for proxy in workers for record in proxy.sink.records]
+        parts = [status_snapshot(proxy.state) for proxy in workers]
+        # The first worker last settled when the group had spent its three.
+        [first] = [row for row in parts[0]["budgets"]["rows"] if row[1] == "day"]
+        self.assertEqual(nanos_to_usd(first[2]), charged(records[:3]))
+        data = merge_status(workers[0].state, gathered(*parts))
+        day = [row for row in data["budgets"] if row["period"] == "day"]
+        self.assertEqual(
+            [(row["scope"], row["spent_usd"], row["limit_usd"]) for row in day],
+            [("key:team-a", charged(records), daily)],
+        )
 
 
 class WorkerStatusTests(SynchronousTestCase):

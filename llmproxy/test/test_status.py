@@ -11,11 +11,15 @@ import orjson
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from llmproxy.budgets.policy import nanos_to_usd, usd_to_nanos
 from llmproxy.config import Config, ConfigError
+from llmproxy.records import CostRecord
 from llmproxy.status.document import MAX_ERRORS
 from llmproxy.status.page import CONTENT_SECURITY_POLICY, PAGE
+from llmproxy.test.test_budgets_calls import CHAT_PATH, RESERVED, budget_config, chat
 from llmproxy.test.test_call import ANTHROPIC, CHAT, CHAT_STREAM, MESSAGES, OPENAI, config
 from llmproxy.test.test_call import with_knobs as knobs
+from llmproxy.test.test_keys import KEY, OTHER_KEY, bearer, key_entry
 from llmproxy.testing.memory import MemoryAgent, MemoryProxy, Received
 
 TOKEN = "s3cret-status-token-0123"
@@ -278,6 +282,118 @@ class RateLimitScopeTests(StatusTestCase):
         self.assertEqual(scopes["global"]["requests_this_minute"], 2)
         [refused] = data["errors"]
         self.assertEqual((refused["status"], refused["kind"]), (429, "rate_limited"))
+
+
+def charged(records: list[CostRecord]) -> float:
+    """
+    What the records' costs add up to in a budget: each counted to the
+    nano-USD, as the spend store counts it.
+    """
+    return nanos_to_usd(sum(usd_to_nanos(record.total_cost or 0.0) for record in records))
+
+
+class BudgetTests(StatusTestCase):
+    """
+    The capped budgets the settlements touched, busiest first, with the
+    spend the budgets' store answered.
+    """
+
+    def config(self) -> Config:
+        return budget_config(
+            key_entry(budget={"daily_usd": 300 * RESERVED, "monthly_usd": 1000 * RESERVED}),
+            key_entry(OTHER_KEY, "team-b"),
+            per_user={"alice": {"daily_usd": 250 * RESERVED}},
+        )
+
+    def budgets(self) -> list[tuple[str, str, float, float]]:
+        return [
+            (row["scope"], row["period"], row["spent_usd"], row["limit_usd"])
+            for row in self.status()["budgets"]
+        ]
+
+    def test_settled_request(self) -> None:
+        """
+        One request with a key that has a budget: its day and month show
+        what its cost record says it cost, against the key's limits. A key
+        without a budget is counted, but has nothing to show.
+        """
+        self.assertEqual(self.status()["budgets"], [])
+        self.finish(self.send(CHAT_PATH, bearer(KEY), chat()), 0.1)
+        self.finish(self.send(CHAT_PATH, bearer(OTHER_KEY), chat()), 0.1)
+        [record, _] = self.proxy.sink.records
+        self.assertEqual(record.key_id, "team-a")
+        self.assertGreater(record.total_cost or 0, 0)
+        self.assertEqual(
+            self.budgets(),
+            [
+                ("key:team-a", "day", charged([record]), 300 * RESERVED),
+                ("key:team-a", "month", charged([record]), 1000 * RESERVED),
+            ],
+        )
+
+    def test_burst(self) -> None:
+        """
+        A burst of 200 concurrent requests of one key and user: the spend
+        shown is the sum of their records' costs, busiest budget first.
+        """
+        answers: list[Received] = []
+        headers = knobs(bearer(KEY), headers_delay_ms="1000")
+        for _ in range(200):
+            sent = self.proxy.request(b"POST", b"/meta/alice" + CHAT_PATH, headers, chat())
+            sent.addCallback(answers.append)
+        self.proxy.advance(1.5)
+        self.assertEqual([answer.status for answer in answers], [200] * 200)
+        records = self.proxy.sink.records
+        self.assertEqual(len(records), 200)
+        spent = charged(records)
+        self.assertAlmostEqual(spent, sum(record.total_cost or 0 for record in records))
+        self.assertEqual(
+            self.budgets(),
+            [
+                ("user:alice", "day", spent, 250 * RESERVED),
+                ("key:team-a", "day", spent, 300 * RESERVED),
+                ("key:team-a", "month", spent, 1000 * RESERVED),
+            ],
+        )
+        self.assertEqual(
+            [row["use"] for row in self.status()["budgets"]],
+            [round(spent / (n * RESERVED), 4) for n in (250, 300, 1000)],
+        )
+
+    def test_reload(self) -> None:
+        """
+        A reload's caps apply at once: a new limit is shown before the next
+        settlement, and a budget no longer capped leaves the page.
+        """
+        self.finish(self.send(CHAT_PATH, bearer(KEY), chat()), 0.1)
+        self.proxy.reload(budget_config(key_entry(budget={"daily_usd": 2.5})))
+        records = self.proxy.sink.records
+        self.assertEqual(self.budgets(), [("key:team-a", "day", charged(records), 2.5)])
+        self.finish(self.send(CHAT_PATH, bearer(KEY), chat()), 0.1)
+        self.assertEqual(len(records), 2)
+        self.assertEqual(self.budgets(), [("key:team-a", "day", charged(records), 2.5)])
+
+    def test_new_day(self) -> None:
+        """
+        At midnight UTC the day's budgets leave the page (they start again
+        from zero) and the month's stay; the next settlement brings the
+        day back with the new day's spend alone.
+        """
+        self.finish(self.send(CHAT_PATH, bearer(KEY), chat()), 0.1)
+        [first] = self.proxy.sink.records
+        self.proxy.advance(86400, step=3600)
+        self.assertEqual(
+            self.budgets(), [("key:team-a", "month", charged([first]), 1000 * RESERVED)]
+        )
+        self.finish(self.send(CHAT_PATH, bearer(KEY), chat()), 0.1)
+        [_, second] = self.proxy.sink.records
+        self.assertEqual(
+            self.budgets(),
+            [
+                ("key:team-a", "day", charged([second]), 300 * RESERVED),
+                ("key:team-a", "month", charged([first, second]), 1000 * RESERVED),
+            ],
+        )
 
 
 class AccessTests(StatusTestCase):

@@ -4,9 +4,41 @@ Tests for L{llmproxy.status.tables}: the bounded per-name tables.
 
 from __future__ import annotations
 
+import calendar
+from typing import Any
+
+import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.status.tables import COST, INPUT, OTHER, REQUESTS, ScopeTable, UsageTable
+from llmproxy.status.tables import (
+    COST,
+    INPUT,
+    OTHER,
+    REQUESTS,
+    BudgetTable,
+    ScopeTable,
+    UsageTable,
+)
+
+USD = 1_000_000_000
+"""Nano-USD in a dollar."""
+
+JAN_31 = float(calendar.timegm((2026, 1, 31, 12, 0, 0)))
+"""Noon on the last day of a month (UTC)."""
+
+
+def rows(table: BudgetTable, now: float, n: int = 20) -> list[tuple[str, str, float, float]]:
+    return [
+        (row["scope"], row["period"], row["spent_usd"], row["limit_usd"])
+        for row in table.busiest(now, n)
+    ]
+
+
+def through_json(exported: dict[str, Any]) -> Any:
+    """
+    An export as another worker's part arrives: through JSON.
+    """
+    return orjson.loads(orjson.dumps(exported))
 
 
 class UsageTableTests(SynchronousTestCase):
@@ -76,6 +108,85 @@ class ScopeTableTests(SynchronousTestCase):
         self.assertEqual(table.rows[OTHER][0], 48)
 
 
+class BudgetTableTests(SynchronousTestCase):
+    def test_share_order(self) -> None:
+        """
+        The budgets with the largest share of their cap spent come first
+        (a cap of 0 counts as all spent), then the largest spend; amounts
+        are exact.
+        """
+        table = BudgetTable()
+        table.spent(JAN_31, "key:a", "day", 1 * USD, 10 * USD)
+        table.spent(JAN_31, "key:a", "month", 1 * USD, 100 * USD)
+        table.spent(JAN_31, "user:bob", "day", 4 * USD, 5 * USD)
+        table.spent(JAN_31, "key:b", "day", 123_456_789, USD)
+        table.spent(JAN_31, "key:free", "day", 0, 0)
+        table.spent(JAN_31, "key:c", "day", 2 * USD, 20 * USD)
+        self.assertEqual(
+            rows(table, JAN_31),
+            [
+                ("key:free", "day", 0.0, 0.0),
+                ("user:bob", "day", 4.0, 5.0),
+                ("key:b", "day", 0.123456789, 1.0),
+                ("key:c", "day", 2.0, 20.0),
+                ("key:a", "day", 1.0, 10.0),
+                ("key:a", "month", 1.0, 100.0),
+            ],
+        )
+        self.assertEqual([row["use"] for row in table.busiest(JAN_31, 3)], [1.0, 0.8, 0.1235])
+
+    def test_largest_spend(self) -> None:
+        """
+        A figure is the whole spend of the period: one smaller than the
+        last (an earlier settlement answered late) changes nothing; a
+        larger one brings its limit (a reload may have changed it).
+        """
+        table = BudgetTable()
+        table.spent(JAN_31, "key:a", "day", 5 * USD, 10 * USD)
+        table.spent(JAN_31 + 1, "key:a", "day", 3 * USD, 10 * USD)
+        self.assertEqual(rows(table, JAN_31 + 1), [("key:a", "day", 5.0, 10.0)])
+        table.spent(JAN_31 + 2, "key:a", "day", 6 * USD, 8 * USD)
+        self.assertEqual(rows(table, JAN_31 + 2), [("key:a", "day", 6.0, 8.0)])
+
+    def test_cap(self) -> None:
+        """
+        Past its cap the table drops its less used half: it stays bounded,
+        keeps the busiest, and a dropped budget comes back whole with its
+        next settlement.
+        """
+        table = BudgetTable(cap=10)
+        for index in range(100):
+            table.spent(JAN_31, f"key:{index:03d}", "day", index * USD, 100 * USD)
+            self.assertLessEqual(len(table.rows), 10)
+        self.assertEqual(
+            [row["scope"] for row in table.busiest(JAN_31, 3)], ["key:099", "key:098", "key:097"]
+        )
+        table.spent(JAN_31, "key:000", "day", 99 * USD, 100 * USD)
+        self.assertEqual(rows(table, JAN_31, 1), [("key:000", "day", 99.0, 100.0)])
+        self.assertEqual(len(table.busiest(JAN_31, 3)), 3)
+
+    def test_new_day_and_month(self) -> None:
+        """
+        At midnight UTC the day's rows go and the month's stay; at the
+        month's end both go. A figure of a period already over is ignored.
+        """
+        table = BudgetTable()
+        table.spent(JAN_31, "key:a", "day", 2 * USD, 10 * USD)
+        table.spent(JAN_31, "key:a", "month", 7 * USD, 100 * USD)
+        feb_1 = JAN_31 + 12 * 3600
+        self.assertEqual(
+            rows(table, feb_1 - 0.001),
+            [("key:a", "day", 2.0, 10.0), ("key:a", "month", 7.0, 100.0)],
+        )
+        self.assertEqual(rows(table, feb_1), [])
+        table.spent(JAN_31, "key:a", "day", 3 * USD, 10 * USD)
+        self.assertEqual(rows(table, feb_1), [])
+        table.spent(feb_1 + 60, "key:a", "day", 1 * USD, 10 * USD)
+        table.spent(feb_1 + 60, "key:a", "month", 1 * USD, 100 * USD)
+        feb_2 = feb_1 + 86400
+        self.assertEqual(rows(table, feb_2), [("key:a", "month", 1.0, 100.0)])
+
+
 class MergeTests(SynchronousTestCase):
     def test_usage_rows_add_up(self) -> None:
         one, two = UsageTable(), UsageTable()
@@ -112,4 +223,34 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(
             (row["requests_this_minute"], row["tokens_this_minute"], row["denied_today"]),
             (2, 15, 2),
+        )
+
+    def test_budgets(self) -> None:
+        """
+        For the same budget, the largest spend of any part; a part exported
+        before midnight brings its month's rows and not its day's.
+        """
+        one, two = BudgetTable(), BudgetTable()
+        one.spent(JAN_31, "key:a", "day", 3 * USD, 10 * USD)
+        one.spent(JAN_31, "user:bob", "day", 1 * USD, 2 * USD)
+        two.spent(JAN_31 + 5, "key:a", "day", 4 * USD, 10 * USD)
+        two.spent(JAN_31 + 5, "key:a", "month", 9 * USD, 100 * USD)
+        merged = BudgetTable()
+        for table in (two, one):
+            merged.absorb(through_json(table.export(JAN_31 + 6)), JAN_31 + 6)
+        self.assertEqual(
+            rows(merged, JAN_31 + 6),
+            [
+                ("user:bob", "day", 1.0, 2.0),
+                ("key:a", "day", 4.0, 10.0),
+                ("key:a", "month", 9.0, 100.0),
+            ],
+        )
+        yesterday = BudgetTable()
+        yesterday.spent(JAN_31 - 86400, "key:a", "day", 8 * USD, 10 * USD)
+        yesterday.spent(JAN_31 - 86400, "key:a", "month", 12 * USD, 100 * USD)
+        merged.absorb(through_json(yesterday.export(JAN_31 - 86400)), JAN_31 + 6)
+        self.assertEqual(
+            rows(merged, JAN_31 + 6)[1:],
+            [("key:a", "day", 4.0, 10.0), ("key:a", "month", 12.0, 100.0)],
         )

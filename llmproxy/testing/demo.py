@@ -7,9 +7,11 @@ C{make demo}: llmproxy working, with no provider key.
 starts the fake upstream (L{llmproxy.testing.fake_upstream}) on a free
 loopback port, the real daemon (C{twistd -n llmproxy}) with OpenAI,
 Anthropic and Gemini mounted on the fake, cost records, and rate limits
-with one tight per-user limit, then sends a little steady traffic through
-the proxy: the three dialects, streamed and not, several users and keys,
-prompt-cache hits, and now and then an upstream failure or a 429. It
+with one tight per-user limit, and one proxy key with a budget (the
+provider keys of the rest pass through), then sends a little steady
+traffic through the proxy: the three dialects, streamed and not, several
+users and keys, prompt-cache hits, and now and then an upstream failure or
+a 429. It
 prints the status page's address and runs until Ctrl-C (or C{--seconds}).
 
 The pieces (L{Demo}, L{demo_config}, L{Traffic}) are what the demo's
@@ -19,6 +21,7 @@ tests and the status page's browser test run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import signal
@@ -49,6 +52,15 @@ KEYS = ("sk-demo-team-a", "sk-demo-team-b", "sk-demo-batch")
 LIMITED_USER = "dave"
 """A user with a tight per-minute limit, so the page shows 429s and a busy scope."""
 
+BUDGET_KEY = "llmp-demo-budget-7Rk2Vx9Qm4Tz1Wc8Hn5Lp3"
+"""
+A proxy key (C{auth.mode: mixed}) with a budget, so the page shows a budget
+filling up: every fifth request uses it (about $1 an hour at 4 requests/s,
+so its day's budget runs out within the hour and it gets 402s).
+"""
+
+BUDGET_KEY_ID = "demo-budget"
+
 MAX_IN_FLIGHT = 16
 """The traffic skips a tick rather than pile up more requests than this."""
 
@@ -56,9 +68,10 @@ MAX_IN_FLIGHT = 16
 def demo_config(fake_url: str, workdir: Path, listen: str) -> str:
     """
     The daemon's configuration: the price table of C{configs/base.yml}
-    (when the checkout has it), every provider on the fake, cost records
-    in C{workdir}, and rate limits.
+    (when the checkout has it), every provider on the fake, the budgeted
+    proxy key, cost records in C{workdir}, and rate limits.
     """
+    digest = hashlib.sha256(BUDGET_KEY.encode("ascii")).hexdigest()
     base = REPO_ROOT / "configs" / "base.yml"
     extends = f"extends: {base}\n" if base.exists() else ""
     return (
@@ -71,6 +84,15 @@ def demo_config(fake_url: str, workdir: Path, listen: str) -> str:
         f"  openai: {{base_url: '{fake_url}'}}\n"
         f"  anthropic: {{base_url: '{fake_url}'}}\n"
         f"  gemini: {{base_url: '{fake_url}'}}\n"
+        "auth:\n"
+        "  mode: mixed\n"
+        "  keys:\n"
+        f"    - {{id: {BUDGET_KEY_ID}, hash: 'sha256:{digest}',"
+        " budget: {daily_usd: 1, monthly_usd: 20}}\n"
+        "  credentials:\n"
+        "    openai: {Authorization: 'Bearer sk-demo-swapped'}\n"
+        "    anthropic: {x-api-key: sk-demo-swapped}\n"
+        "    gemini: {x-goog-api-key: sk-demo-swapped}\n"
         "features:\n"
         "  rate_limiting:\n"
         "    enabled: true\n"
@@ -114,12 +136,13 @@ GEMINI_BODY = b'{"contents": [{"parts": [{"text": "Say hello to the demo."}]}]}'
 def scenarios() -> Iterator[DemoRequest]:
     """
     The traffic, forever: each round sends every dialect, streamed and
-    not, for a user and key in turn, with prompt-cache hits on some; one
-    request in 15 makes the upstream fail.
+    not, for a user and key in turn (one request in 5 with the budgeted
+    proxy key), with prompt-cache hits on some; one request in 15 makes the
+    upstream fail.
     """
     for n in itertools.count():
         user = LIMITED_USER if n % 20 == 19 else USERS[n % len(USERS)]
-        key = KEYS[n % len(KEYS)].encode()
+        key = (BUDGET_KEY if n % 5 == 2 else KEYS[n % len(KEYS)]).encode()
         knobs = {
             b"x-fake-input-tokens": [b"%d" % (200 + 37 * (n % 11))],
             b"x-fake-cached-tokens": [b"%d" % (120 if n % 3 else 0)],

@@ -47,6 +47,7 @@ from llmproxy.ratelimit import IRateLimiter, limiter_for, rate_limits_for
 from llmproxy.records import CostRecord
 from llmproxy.runtime import ProxyState, build_runtime
 from llmproxy.sinks import ICostSink
+from llmproxy.status import StatusBoard
 from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.web import gateway_site
 
@@ -270,8 +271,15 @@ class MemoryProxy:
             spend = spend_store_for(config, self.clock, _at_once)
         self.spend = spend
         self.alerts = AlertSender(self.clock, webhook)
+        status = StatusBoard(self.clock)
         runtime = build_runtime(
-            config, self._agent_for, limiter, spend=spend, alerts=self.alerts, metrics=metrics
+            config,
+            self._agent_for,
+            limiter,
+            spend=spend,
+            alerts=self.alerts,
+            metrics=metrics,
+            watch=status.budget_spent,
         )
         self.sink = RecordingCostSink()
         self.state = ProxyState(
@@ -282,6 +290,7 @@ class MemoryProxy:
             sink=self.sink,
             build=BUILD,
             started_at=self.clock.seconds(),
+            status=status,
         )
         self.site = gateway_site(self.state)
         self.client = MemoryAgent(self.site, peer_port=40000)
@@ -302,6 +311,7 @@ class MemoryProxy:
             spend=self.spend,
             alerts=self.alerts,
             metrics=self.state.metrics,
+            watch=self.state.status.budget_spent,
         )
 
     def request(

@@ -32,7 +32,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from websockets.sync.client import ClientConnection, connect
 
-from llmproxy.testing.demo import Demo, DemoRequest
+from llmproxy.testing.demo import BUDGET_KEY_ID, Demo, DemoRequest
 from tests.e2e.harness import reactor
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -190,8 +190,9 @@ class StatusPageBrowserTests(TestCase):
     def test_live_page(self) -> Any:
         """
         The page renders with no console error, lists the providers, its
-        charts move as requests flow, and a forced upstream failure shows
-        among the errors within 3 s; the screenshot is kept.
+        charts move as requests flow, the Budgets section shows the demo's
+        budgeted key once it has had traffic, and a forced upstream failure
+        shows among the errors within 3 s; the screenshot is kept.
         """
         devtools = self.devtools
 
@@ -225,6 +226,21 @@ class StatusPageBrowserTests(TestCase):
         later, rate = yield deferToThread(moved)
         self.assertNotEqual(later, points, "the requests/s chart did not move")
         self.assertGreater(float(rate), 0)
+
+        yield deferToThread(
+            devtools.wait_for,
+            "!document.getElementById('budgets-section').hidden && "
+            "[...document.querySelectorAll('#budgets tr')]"
+            f".some(tr => tr.textContent.includes('key:{BUDGET_KEY_ID}'))",
+            10.0,
+        )
+        budgets = yield deferToThread(
+            devtools.evaluate,
+            "[...document.querySelectorAll('#budgets tr')].slice(1)"
+            ".map(tr => [...tr.querySelectorAll('td')].map(td => td.textContent))",
+        )
+        periods = sorted(row[1] for row in budgets if row[0] == f"key:{BUDGET_KEY_ID}")
+        self.assertEqual(periods, ["day", "month"], budgets)
 
         model = "forced-failure-" + uuid.uuid4().hex[:8]
         failing = DemoRequest(

@@ -98,6 +98,28 @@ class BudgetTests(WorkersTestCase):
         return value
 
     @inlineCallbacks
+    def shown(self, proc: ProxyProcess, key: int, expected: float) -> Any:
+        """
+        Key C{key}'s day budget as C{/status.json} shows it, once its spend
+        is C{expected} (or after 5 s), as C{(spent, limit)}: each worker
+        learns the group's spend from the master's answer to its own
+        settlements, and the page shows the largest any worker saw.
+        """
+        wanted = (f"key:team-{key}", "day")
+        shown: tuple[float, float | None] = (0.0, None)
+        for _ in range(100):
+            response = yield self.http.get(proc.url + "/status.json")
+            status = orjson.loads((yield content(response)))
+            self.assertNotIn("group", status)
+            for row in status["budgets"]:
+                if (row["scope"], row["period"]) == wanted:
+                    shown = (row["spent_usd"], row["limit_usd"])
+            if abs(shown[0] - expected) < 1e-9:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        return shown
+
+    @inlineCallbacks
     def test_fifty_against_ten_over_two_workers(self) -> Any:
         """
         50 concurrent requests spread over two workers (the upstream holds
@@ -123,6 +145,9 @@ class BudgetTests(WorkersTestCase):
             self.assertEqual(len(self.fake.received), 10 * (key + 1))
             spent = yield self.spent(proc, key, 10 * COST)
             self.assertAlmostEqual(spent, 10 * COST)
+            shown, limit = yield self.shown(proc, key, 10 * COST)
+            self.assertAlmostEqual(shown, 10 * COST)
+            self.assertAlmostEqual(limit, self.daily)
             after = yield self.served(proc)
             served = [b - a for a, b in zip(before, after, strict=True)]
             if all(count > 1 for count in served):
