@@ -313,6 +313,7 @@ class MemoryProxy:
             metrics=self.state.metrics,
             watch=self.state.status.budget_spent,
         )
+        self.state.status.configure(config)
 
     def request(
         self,
