@@ -52,6 +52,7 @@ from llmproxy.outcomes import (
 from llmproxy.providers import Meter
 from llmproxy.relay import Relay
 from llmproxy.runtime import ProxyState
+from llmproxy.senturl import for_treq
 from llmproxy.tracing import NO_TRACE, IRequestTrace
 from llmproxy.upstream import ResponseHeadTooLarge
 from llmproxy.usage import Usage
@@ -266,7 +267,7 @@ class Attempt:
         producer = BytesProducer(body) if body or request.method not in (b"GET", b"HEAD") else None
         pending: Deferred[Any] = self._choice.upstream.client.request(
             request.method.decode("ascii"),
-            url,
+            for_treq(url),
             headers=headers,
             data=producer,
             unbuffered=True,
