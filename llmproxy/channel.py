@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
@@ -71,9 +71,12 @@ class ProxyChannel(HTTPChannel):
     _head_timer: IDelayedCall | None = None
     _body_timer: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
+    _head_pending = False
+    _body_pending = False
     _body_started = 0.0
     _body_received = 0
     _secure: bool | None = None
+    _host: IAddress | None = None
 
     # -- connections -----------------------------------------------------------
 
@@ -105,6 +108,15 @@ class ProxyChannel(HTTPChannel):
         if self._secure is None:
             self._secure = bool(super().isSecure())
         return self._secure
+
+    def getHost(self) -> IAddress:
+        """
+        The connection's local address: every request asks for it, and the
+        transport makes a system call each time; it never changes.
+        """
+        if self._host is None:
+            self._host = self.transport.getHost()  # type: ignore[union-attr]
+        return self._host
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.site.channels.discard(self)
@@ -155,14 +167,28 @@ class ProxyChannel(HTTPChannel):
         self.refuse(408, "Request head not received in time.", reason="header_timeout")
 
     def _awaiting_head(self) -> bool:
-        return not self._handlingRequest and self._body_timer is None and not self._refused
+        return not self._handlingRequest and not self._body_pending and not self._refused
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._head_timer is None and self._awaiting_head():
-            self._arm_head(self.site.server().header_timeout_seconds)
+        if self._awaiting_head():
+            self._head_pending = True
         super().dataReceived(data)
+        self._arm_unfinished()
+
+    def _arm_unfinished(self) -> None:
+        """
+        Arm the deadline of what the last read left unfinished: a head and
+        body that arrive in one read, as nearly all do, cost no timer (and
+        a cancelled one would linger in the reactor's heap).
+        """
+        if self._refused:
+            return
+        if self._head_pending:
+            self._arm_head(self.site.server().header_timeout_seconds)
+        elif self._body_pending and self._body_timer is None:
+            self._body_check()
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -188,13 +214,14 @@ class ProxyChannel(HTTPChannel):
             self.refuse(400, "Malformed HTTP request.", reason="bad_request")
 
     def allHeadersReceived(self) -> None:
+        self._head_pending = False
         self._head_timer = _cancelled(self._head_timer)
         super().allHeadersReceived()
         if self.length != 0 and not self._refused:
-            server = self.site.server()
+            # Timed from here; the timer itself waits for the end of this read.
+            self._body_pending = True
             self._body_started = self.site.state.clock.seconds()
             self._body_received = 0
-            self._body_timer = self.callLater(server.body_timeout_seconds, self._body_check)
 
     # -- the request body ------------------------------------------------------
 
@@ -229,6 +256,7 @@ class ProxyChannel(HTTPChannel):
         )
 
     def allContentReceived(self) -> None:
+        self._body_pending = False
         self._body_timer = _cancelled(self._body_timer)
         super().allContentReceived()
 

@@ -5,6 +5,8 @@ answers to oversized or malformed request heads, on a memory reactor.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from attrs import evolve
 from twisted.internet.address import IPv4Address
@@ -119,6 +121,52 @@ class ChannelTests(SynchronousTestCase):
         body = orjson.loads(transport.value().partition(b"\r\n\r\n")[2])
         self.assertEqual(body["type"], "error")
         self.assertEqual(self.dropped("body_too_slow"), 1)
+
+    def test_one_read_arms_no_deadline(self) -> None:
+        """
+        A request whose head and body arrive in one read, as nearly all do,
+        arms neither deadline: a cancelled timer would linger in the
+        reactor's heap for every open stream.
+        """
+        channel, transport = self.connect()
+        armed: list[str] = []
+        schedule = channel.callLater
+
+        def recording(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+            armed.append(getattr(f, "__name__", ""))
+            return schedule(delay, f, *args, **kwargs)
+
+        self.patch(channel, "callLater", recording)
+        request = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        channel.dataReceived(request)
+        channel.dataReceived(request)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 404"), 2)
+        self.assertNotIn("_head_expired", armed)
+        self.assertNotIn("_body_check", armed)
+        # A body split over reads is still timed from its head.
+        channel.dataReceived(request[:-1])
+        self.assertEqual(armed.count("_body_check"), 1)
+        self.clock.advance(5.1)
+        self.assertIn(b"408", transport.value())
+
+    def test_local_address_asked_once(self) -> None:
+        """
+        The local address every request records is the connection's,
+        taken from the transport once.
+        """
+        channel, transport = self.connect()
+        asked: list[object] = []
+        host = transport.getHost()
+
+        def get_host() -> object:
+            asked.append(host)
+            return host
+
+        self.patch(transport, "getHost", get_host)
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 2)
+        self.assertIs(channel.getHost(), host)
+        self.assertEqual(len(asked), 1)
 
     def test_cap_and_reserve(self) -> None:
         """
