@@ -14,6 +14,11 @@ exactly the bytes the proxy built, as a proxy should.
 Only a URL made of the characters a URI allows qualifies (L{for_treq});
 anything else (a C{"} or C{|} a client left raw, say) goes through treq's
 own encoding, as before.
+
+Parsing the text into hyperlink's fields is itself a few percent of a
+request's CPU, and a mount sends to a handful of URLs: the parsed URLs
+(immutable) are kept, a bounded number of them, except any that carries a
+credential in its query (C{?key=}), which is never kept.
 """
 
 from __future__ import annotations
@@ -45,12 +50,21 @@ class SentURL(EncodedURL):
         return self._sent
 
 
+KEPT = 512
+"""Parsed URLs kept; past that the store starts again (clients choose paths)."""
+
+_kept: dict[bytes, SentURL] = {}
+
+
 def for_treq(url: bytes) -> SentURL | bytes:
     """
     C{url} as treq should get it: a L{SentURL} when it has only the
     characters a URI allows (what treq's encoding would leave as they
     are), else the bytes themselves.
     """
+    found = _kept.get(url)
+    if found is not None:
+        return found
     if _URI_CHARACTERS.fullmatch(url) is None:
         return url
     text = url.decode("ascii")
@@ -58,4 +72,8 @@ def for_treq(url: bytes) -> SentURL | bytes:
     # is the text's; only the way back to text is short-cut.
     sent = cast(SentURL, SentURL.from_text(text))
     sent._sent = text
+    if b"key=" not in url:
+        if len(_kept) >= KEPT:
+            _kept.clear()
+        _kept[url] = sent
     return sent

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from llmproxy import senturl
 from llmproxy.senturl import SentURL, for_treq
 
 
@@ -78,3 +79,19 @@ class ForTreqTests(SynchronousTestCase):
             self.assertIs(for_treq(url), url)
         self.assertEqual(self.sent(b"http://h/a b"), b"http://h/a%20b")
         self.assertEqual(self.sent(b'http://h/a"b'), b"http://h/a%22b")
+
+    def test_parsed_once_and_bounded(self) -> None:
+        """
+        A URL sent again is the URL parsed the first time; one with a
+        credential in its query is parsed each time and never kept; the
+        store holds at most L{senturl.KEPT} URLs.
+        """
+        url = b"http://127.0.0.1:8080/v1/chat/completions"
+        self.assertIs(for_treq(url), for_treq(url))
+        keyed = b"https://h/v1beta/models/m:generateContent?key=secret"
+        self.assertIsNot(for_treq(keyed), for_treq(keyed))
+        self.assertNotIn(keyed, senturl._kept)
+        for n in range(senturl.KEPT * 2):
+            for_treq(b"http://h/v1/files/%d" % n)
+            self.assertLessEqual(len(senturl._kept), senturl.KEPT)
+        self.assertEqual(self.sent(b"http://h/v1/files/7"), b"http://h/v1/files/7")
