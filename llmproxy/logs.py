@@ -318,10 +318,37 @@ class TextObserver:
         self._secrets = secrets
 
     def __call__(self, event: dict[str, Any]) -> None:
-        text = formatEventAsClassicLogText(event, formatTime=_line_time)
+        text = _preformatted_line(event) or formatEventAsClassicLogText(
+            event, formatTime=_line_time
+        )
         if text is None:
             return
         self._out.add(redact(text, self._secrets), _urgent(event))
+
+
+def _preformatted_line(event: dict[str, Any]) -> str | None:
+    """
+    The classic line of an event whose message is already formatted (its
+    format is C{"{message}"}, as the access line's is), built directly:
+    the same text as C{formatEventAsClassicLogText} gives, without a pass
+    through C{string.Formatter} for every request. L{None} for any other
+    event.
+    """
+    message = event.get("message")
+    if (
+        event.get("log_format") != "{message}"
+        or type(message) is not str
+        or not message
+        or "log_failure" in event
+    ):
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        namespace = event.get("log_namespace", "-")
+        system = f"{namespace}#{level.name if level is not None else '-'}"
+    when = _line_time(event.get("log_time"))
+    return f"{when} [{system}] {message.replace(chr(10), chr(10) + chr(9))}\n"
 
 
 _RESERVED_KEYS = frozenset(

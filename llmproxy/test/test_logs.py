@@ -10,11 +10,19 @@ from typing import Any
 
 import orjson
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, LogLevel, formatTime, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError, ResponseNeverReceived
 
+from llmproxy import logs
 from llmproxy.config import parse_config
 from llmproxy.logs import (
     FLUSH_BYTES,
@@ -174,6 +182,35 @@ class ObserverTests(SynchronousTestCase):
             Logger(observer=observer(stream, secrets)).info("got {v}", v="configured-secret-1234")
             self.assertNotIn("configured-secret-1234", stream.getvalue())
             self.assertIn("[REDACTED]", stream.getvalue())
+
+    def test_preformatted_lines_as_twisted_formats_them(self) -> None:
+        """
+        An event whose message is already formatted (the access line) is
+        written without twisted's formatter, as the very text it gives.
+        """
+        events: list[dict[str, Any]] = [
+            {
+                "log_format": "{message}",
+                "message": "POST /openai/v1/chat/completions 200 1.2ms",
+                "log_time": 1764921600.25,
+                "log_namespace": "llmproxy.accesslog",
+                "log_level": LogLevel.info,
+                "status": 200,
+            },
+            {"log_format": "{message}", "message": "two\nlines", "log_system": "sys"},
+            {"log_format": "{message}", "message": "no level", "log_time": 1.0},
+        ]
+        for event in events:
+            line = logs._preformatted_line(event)
+            self.assertIsNotNone(line)
+            self.assertEqual(line, formatEventAsClassicLogText(event, formatTime=logs._line_time))
+        for other in (
+            {"log_format": "got {v}", "v": 1, "message": "x"},
+            {"log_format": "{message}", "message": 7},
+            {"log_format": "{message}", "message": ""},
+            {"log_format": "{message}", "message": "x", "log_failure": Failure(ValueError())},
+        ):
+            self.assertIsNone(logs._preformatted_line(other))
 
     def test_text_observer_redacts(self) -> None:
         stream = io.StringIO()
