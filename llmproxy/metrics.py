@@ -409,11 +409,17 @@ class Metrics:
                 usage.cache_write_tokens,
                 usage.reasoning_tokens,
             )
+            # Every series is created (a dashboard sees zeros), but a zero is
+            # not added: each inc() takes the value's lock.
             for kind, count in zip(TOKEN_TYPES, counts, strict=True):
-                child(self.tokens, provider, label, kind).inc(max(count, 0))
+                series = child(self.tokens, provider, label, kind)
+                if count > 0:
+                    series.inc(count)
             key = self.key_label(key_id)
             for kind, count in zip(KEY_TOKEN_TYPES, counts[:4], strict=True):
-                child(self.key_tokens, key, kind).inc(max(count, 0))
+                series = child(self.key_tokens, key, kind)
+                if count > 0:
+                    series.inc(count)
         if cost.total_cost is not None:
             child(self.cost, provider, label).inc(max(cost.total_cost, 0.0))
         elif usage.reported:
