@@ -175,6 +175,7 @@ class Attempt:
         "_state",
         "_status",
         "_streaming",
+        "_tell_committed",
         "_timer",
         "_trace",
         "_unmetered",
@@ -192,6 +193,7 @@ class Attempt:
         number: int = 1,
         retry_instead: RetryInstead | None = None,
         trace: IRequestTrace = NO_TRACE,
+        committed: Callable[[], object] | None = None,
     ) -> None:
         """
         @param choice: the upstream to try.
@@ -206,6 +208,8 @@ class Attempt:
             retryable answer; L{None} when no other attempt can follow (the
             answer is relayed as it is, and streams are not held back).
         @param trace: the request's trace, of which this attempt is a part.
+        @param committed: told when the upstream's answer becomes the
+            client's: no other attempt can follow it.
         """
         self._choice = choice
         self._trace = trace
@@ -216,6 +220,7 @@ class Attempt:
         self._deadline = deadline
         self._number = number
         self._retry_instead = retry_instead
+        self._tell_committed = committed
         self._name = facts.provider
         self._pending: Deferred[IResponse] | None = None
         self._timer: IDelayedCall | None = None
@@ -429,6 +434,8 @@ class Attempt:
         response = self._response
         assert response is not None and not self._committed
         self._committed = True
+        if self._tell_committed is not None:
+            self._tell_committed()
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         encoded = copy_response_headers(response, request)

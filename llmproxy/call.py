@@ -279,10 +279,19 @@ class Call:
             number=plan.attempts,
             retry_instead=self._retry_instead if plan.may_retry else None,
             trace=self._trace,
+            committed=self._committed,
         )
         attempt.run(self._runtime.config.server.forwarded_headers).addCallback(
             self._attempted
         ).addErrback(self._bug)
+
+    def _committed(self) -> None:
+        """
+        An attempt's answer is the client's: no attempt follows it, so the
+        request body kept for one goes (a long stream would otherwise hold
+        a large prompt for as long as it runs).
+        """
+        self._body = b""
 
     def _retry_instead(self, verdict: Verdict) -> bool:
         """

@@ -5,12 +5,14 @@ clock (L{llmproxy.testing.memory}), each upstream a fake of its own.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmproxy.call import Call
 from llmproxy.config import Config, parse_config
 from llmproxy.test.test_call import ANTHROPIC, OPENAI, with_knobs
 from llmproxy.testing.memory import MemoryProxy, Received
@@ -344,6 +346,46 @@ class StreamGateTests(ResilienceTestCase):
         self.assertEqual(bytes(received.body), self.a.last_body_sent)
         self.assertIn(b'"content":"', bytes(received.body))
         self.assertFalse(received.done)
+
+    def test_body_kept_until_committed(self) -> None:
+        """
+        A stream's request body is kept for another attempt until the first
+        content is relayed (the retry sends all of it), then let go of: a
+        long stream does not hold a large prompt for as long as it runs.
+        """
+        self.proxy(two_upstreams())
+        self.a.defaults["x-fake-error-after"] = "0"
+        body = orjson.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x" * 200_000}],
+            }
+        )
+        answers: list[Received] = []
+        self.memory.request(
+            b"POST",
+            b"/openai/v1/chat/completions",
+            with_knobs(OPENAI, chunks="20", delay_ms="200"),
+            body,
+        ).addCallback(answers.append)
+        self.memory.flush()
+        self.memory.clock.advance(0.2)
+        self.memory.flush()
+        [received] = answers
+        self.assertFalse(received.done)
+        [first], [second] = self.a.received, self.b.received
+        self.assertGreater(len(first.body), 200_000)
+        self.assertEqual(second.body, first.body)
+        request_id = received.header(b"x-llm-proxy-request-id")
+        [call] = [
+            o
+            for o in gc.get_objects()
+            if type(o) is Call
+            and o._facts is not None
+            and o._facts.request_id.encode() == request_id
+        ]
+        self.assertEqual(call._body, b"")
 
 
 class CircuitTests(ResilienceTestCase):
