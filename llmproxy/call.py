@@ -418,8 +418,12 @@ class Call:
         self.phase = "accounted"
         admission = self._admission
         assert admission is not None
-        cost = account(summary, self._runtime, self._state, admission, self._access)
-        self._trace.end(summary, cost)
+
+        def settle() -> None:
+            cost = account(summary, self._runtime, self._state, admission, self._access)
+            self._trace.end(summary, cost)
+
+        self._state.account_after_io(settle)
 
     def _client_gone(self, failure: Failure) -> None:
         self._gone = True

@@ -228,6 +228,35 @@ class ForwardingTests(CallTestCase):
         self.assertIsNotNone(record.total_cost)
         self.assertIsNot(old_runtime, self.proxy.state.runtime)
 
+    def test_answer_before_accounting(self) -> None:
+        """
+        The client has the whole response before the request is accounted:
+        the accounting waits for the reactor's next pass over the sockets,
+        then writes the record and the access line as before.
+        """
+        answers: list[Received] = []
+        self.proxy.request(
+            b"POST",
+            b"/openai/v1/chat/completions",
+            with_knobs(OPENAI, headers_delay_ms="100"),
+            CHAT,
+        ).addCallback(answers.append)
+        self.assertEqual(answers, [])
+        # The fake answers after 100 ms; the bytes then move without any
+        # timed call running.
+        self.proxy.clock.advance(0.1)
+        while self.proxy.upstream_link.pump() | self.proxy.client.pump():
+            pass
+        [received] = answers
+        self.assertTrue(received.done)
+        self.assertEqual(self.proxy.sink.records, [])
+        self.assertEqual(self.proxy.state.accounting, 1)
+        self.proxy.flush()
+        [record] = self.proxy.sink.records
+        self.assertEqual(record.status, 200)
+        self.assertEqual(self.proxy.state.accounting, 0)
+        self.assertEqual(len(self.access), 1)
+
 
 class RefusalTests(CallTestCase):
     """
@@ -493,6 +522,7 @@ class LimitTests(CallTestCase):
         limiter.pending.callback(
             Decision(allowed=True, reservation=RESERVATION, denial=None, limit=1, remaining=0)
         )
+        self.proxy.flush()  # accounting runs after the reactor's next I/O
         self.assertEqual(self.proxy.fake.received, [])
         [record] = self.proxy.sink.records
         self.assertEqual(record.status, 499)
