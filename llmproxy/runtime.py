@@ -153,6 +153,7 @@ class ProxyState:
     open_connections: Callable[[], int] = _none_open
     accounting: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+    _to_account: list[Callable[[], object]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.status.configure(self.runtime.config)
@@ -209,20 +210,30 @@ class ProxyState:
         hold that pass back, and the client would wait for it. Two turns
         of the timed calls put it after that pass (the reactor runs its
         due calls, then its I/O): the same work, off the client's latency.
+        The requests that finish in one pass share the two timed calls.
         Nothing is lost by waiting: a drain waits for it (L{wait_idle}).
         """
         self.accounting += 1
+        self._to_account.append(work)
+        if len(self._to_account) == 1:
+            self.clock.callLater(0, self._take_accounting)
 
-        def run() -> None:
+    def _take_accounting(self) -> None:
+        """
+        First turn: take what finished before this pass; run it in the next
+        turn, after the pass.
+        """
+        batch, self._to_account = self._to_account, []
+        self.clock.callLater(0, self._run_accounting, batch)
+
+    def _run_accounting(self, batch: list[Callable[[], object]]) -> None:
+        for work in batch:
             try:
                 work()
             except Exception:
                 log.failure("accounting a request failed")
-            finally:
-                self.accounting -= 1
-                self._maybe_idle()
-
-        self.clock.callLater(0, self.clock.callLater, 0, run)
+            self.accounting -= 1
+        self._maybe_idle()
 
     def _maybe_idle(self) -> None:
         if self.inflight == 0 and self.accounting == 0:

@@ -5,6 +5,8 @@ I/O, and the drain waiting for it.
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -60,6 +62,23 @@ class AccountAfterIOTests(SynchronousTestCase):
         self.assertEqual(self.done, [])
         self.clock.turn()
         self.assertEqual((self.done, self.state.accounting), (["accounted"], 0))
+
+    def test_one_pass_shares_two_calls(self) -> None:
+        """
+        The requests that finish in one pass are accounted together, in
+        order, with two timed calls between them; one that finishes while
+        the first turn runs waits for a pass of its own.
+        """
+        for name in ("a", "b", "c"):
+            self.state.account_after_io(partial(self.done.append, name))
+        self.assertEqual(len(self.clock.calls), 1)
+        self.clock.turn()
+        self.state.account_after_io(lambda: self.done.append("d"))
+        self.assertEqual((self.done, len(self.clock.calls)), ([], 2))
+        self.clock.turn()
+        self.assertEqual((self.done, self.state.accounting), (["a", "b", "c"], 1))
+        self.clock.turn()
+        self.assertEqual((self.done, self.state.accounting), (["a", "b", "c", "d"], 0))
 
     def test_drain_waits(self) -> None:
         """
