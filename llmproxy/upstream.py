@@ -122,12 +122,36 @@ def make_pool(reactor: object) -> HTTPConnectionPool:
     return pool
 
 
+class NoCookies(CookieJar):
+    """
+    A cookie jar that stores nothing and adds nothing: a shared jar would
+    replay one user's upstream cookies on another user's request. treq
+    consults its jar on every request and response; a jar that refuses
+    every domain still builds and scans the stdlib's view of each (about
+    2% of a request's CPU), so this one answers at once.
+
+    A client's own C{Cookie} header is forwarded as it came, and an
+    upstream's C{Set-Cookie} reaches the client; the proxy keeps neither.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(DefaultCookiePolicy(allowed_domains=[]))
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: Any) -> None:
+        return None
+
+
 def no_cookies() -> CookieJar:
     """
-    A cookie jar that stores nothing: a shared jar would replay one user's
-    upstream cookies on another user's request.
+    The jar for an upstream client: L{NoCookies}.
     """
-    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    return NoCookies()
 
 
 @frozen

@@ -257,6 +257,20 @@ class ForwardingTests(CallTestCase):
         self.assertEqual(self.proxy.state.accounting, 0)
         self.assertEqual(len(self.access), 1)
 
+    def test_cookies_pass_and_stay_theirs(self) -> None:
+        """
+        An upstream's C{Set-Cookie} reaches its client and is never sent on
+        another request; a client's own C{Cookie} goes upstream as it came.
+        """
+        first = self.send(
+            b"/openai/v1/chat/completions", with_knobs(OPENAI, set_cookie="session=alice"), CHAT
+        )
+        self.assertEqual(first.response.headers.getRawHeaders(b"set-cookie"), [b"session=alice"])
+        self.send(b"/openai/v1/chat/completions", OPENAI, CHAT)
+        self.assertIsNone(self.proxy.fake.received[-1].header(b"cookie"))
+        self.send(b"/openai/v1/chat/completions", {**OPENAI, b"cookie": [b"mine=1"]}, CHAT)
+        self.assertEqual(self.proxy.fake.received[-1].header(b"cookie"), b"mine=1")
+
 
 class RefusalTests(CallTestCase):
     """
